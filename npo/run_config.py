@@ -1,0 +1,215 @@
+"""The whole run's configuration: one YAML file, sections mapping to dataclasses, CLI overrides `key=value`.
+
+    method: autonpo          # grpo | npo | autonpo
+    seed: 0
+    model: {preset: tiny}
+    task: {name: chain_sum, options: {min_terms: 2, max_terms: 2}}
+    train: {steps: 300, prompts_per_step: 32, lr: 3e-4}
+    algo: {group_size: 8, tau_gate: 0.6}
+    autonpo: {candidate_deltas: [10, 20, 40]}
+
+Every section's fields are documented where the dataclass is defined; `npo train --help-config` prints them all.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from npo.config import (
+    AlgoConfig,
+    AutoNPOConfig,
+    ConfigError,
+    Method,
+    _check_range,
+    _field_doc,
+    apply_override,
+    from_dict,
+    load_yaml,
+    to_dict,
+)
+from npo.models import ModelConfig
+from npo.rollout import SamplingParams
+from npo.tasks import TaskConfig
+
+
+@dataclass
+class TrainConfig:
+    """The learner's step loop."""
+
+    steps: int = 300
+    """Training steps of the main line (replayed segments are extra optimizer steps, counted as compute)."""
+    prompts_per_step: int = 32
+    """Prompts per step; each gets a group of algo.group_size samples."""
+    lr: float = 3e-4
+    """AdamW learning rate (constant)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    """AdamW betas."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = no clipping)."""
+    micro_batch_size: int = 256
+    """Sequences per forward/backward; gradients accumulate over micro-batches into one optimizer step."""
+    dtype: str = "float32"
+    """Training precision: float32 or bfloat16 (autocast; master weights stay float32)."""
+    threads: int = 0
+    """torch CPU threads (0 = leave torch's default)."""
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation, on its own random stream (it never changes training)."""
+
+    every: int = 20
+    """Evaluate every this many steps (and at step 0 and at the end); 0 = never."""
+    num_prompts: int = 500
+    """Held-out prompts (from the task's test split)."""
+    samples_per_prompt: int = 2
+    """Sampled responses per prompt; eval_acc is the mean verified reward."""
+    temperature: float = 1.0
+    """Sampling temperature for evaluation."""
+    greedy: bool = True
+    """Also report eval_greedy_acc (one greedy response per prompt)."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints: HF safetensors weights + optimizer + RNG + data cursor + step + config, written atomically."""
+
+    every: int = 10
+    """Save every this many steps (and at segment boundaries). AutoNPO checks its trigger at these steps."""
+    keep_last: int = 0
+    """Keep at most this many checkpoints besides those a pending intervention needs (0 = keep all)."""
+
+
+@dataclass
+class CacheConfig:
+    """The guidance-trajectory cache."""
+
+    url: str = ""
+    """Redis URL (redis://host:port/db or unix:///path); empty = start an embedded Redis-protocol server."""
+    prefix: str = "npo"
+    """Key prefix; keys are namespaced by run name under it."""
+
+
+@dataclass
+class InterventionConfig:
+    """One manual NPO intervention (docs/npo-method.md section 3)."""
+
+    enabled: bool = False
+    """Run this intervention."""
+    at_step: int = 0
+    """t0 (early bootstrap) or t_p (plateau): where scouting starts and the run rolls back to."""
+    delta: int = 20
+    """Delta: scout length; the guide is pi^(at_step + delta)."""
+    replay_steps: int = 0
+    """NPO segment length after the rollback (0 = delta)."""
+
+
+@dataclass
+class NPOConfig:
+    """Manual interventions of method=npo, and guide generation."""
+
+    early: InterventionConfig = field(default_factory=lambda: InterventionConfig(enabled=True, at_step=0, delta=20))
+    """Early-stage bootstrapping."""
+    late: InterventionConfig = field(default_factory=InterventionConfig)
+    """Late-stage plateau breakthrough (disabled by default)."""
+    guide_samples: int = 8
+    """Samples per prompt drawn from the guide checkpoint; the first verified-correct one becomes the guide."""
+
+
+@dataclass
+class RunConfig:
+    """A training run."""
+
+    method: Method = Method.AUTONPO
+    """grpo (no guides), npo (manual interventions in `npo`), or autonpo (adaptive, `autonpo`)."""
+    seed: int = 0
+    """Run seed: rollout, evaluation and data order all derive from it and the step (bit-reproducible on CPU)."""
+    run_name: str = ""
+    """Namespace of this run in the guidance cache (empty = derived from the output folder)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy model."""
+    task: TaskConfig = field(default_factory=TaskConfig)
+    """Task, data and reward."""
+    rollout: SamplingParams = field(default_factory=SamplingParams)
+    """Sampling of training rollouts."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Learner."""
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    """GRPO / NPO step."""
+    autonpo: AutoNPOConfig = field(default_factory=AutoNPOConfig)
+    """AutoNPO trigger and Delta selection."""
+    npo: NPOConfig = field(default_factory=NPOConfig)
+    """Manual NPO interventions."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out evaluation."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing."""
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    """Guidance cache."""
+
+    def validate(self) -> None:
+        t = self.train
+        _check_range("train.steps", t.steps, 1)
+        _check_range("train.prompts_per_step", t.prompts_per_step, 1)
+        _check_range("train.lr", t.lr, 0.0)
+        _check_range("train.grad_clip", t.grad_clip, 0.0)
+        _check_range("train.micro_batch_size", t.micro_batch_size, 1)
+        _check_range("train.threads", t.threads, 0)
+        if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
+            raise ConfigError(f"train.betas: expected two numbers in [0, 1), got {t.betas}")
+        if t.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"train.dtype: must be 'float32' or 'bfloat16', got {t.dtype!r}")
+        _check_range("rollout.temperature", self.rollout.temperature, 1e-3)
+        _check_range("rollout.top_p", self.rollout.top_p, 1e-6, 1.0)
+        _check_range("rollout.max_new_tokens", self.rollout.max_new_tokens, 1)
+        _check_range("eval.every", self.eval.every, 0)
+        _check_range("eval.num_prompts", self.eval.num_prompts, 1)
+        _check_range("eval.samples_per_prompt", self.eval.samples_per_prompt, 1)
+        _check_range("checkpoint.every", self.checkpoint.every, 1)
+        _check_range("checkpoint.keep_last", self.checkpoint.keep_last, 0)
+        _check_range("npo.guide_samples", self.npo.guide_samples, 1)
+        for name in ("early", "late"):
+            iv: InterventionConfig = getattr(self.npo, name)
+            _check_range(f"npo.{name}.at_step", iv.at_step, 0)
+            _check_range(f"npo.{name}.delta", iv.delta, 1)
+            _check_range(f"npo.{name}.replay_steps", iv.replay_steps, 0)
+            if iv.enabled and self.method is Method.NPO and iv.at_step + iv.delta > t.steps:
+                raise ConfigError(f"npo.{name}: at_step + delta ({iv.at_step + iv.delta}) exceeds train.steps")
+        for d in self.autonpo.candidate_deltas:
+            if d % self.checkpoint.every:
+                raise ConfigError(
+                    f"autonpo.candidate_deltas: {d} is not a multiple of checkpoint.every ({self.checkpoint.every})"
+                )
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read YAML (optional), apply `key=value` overrides, build and validate. Raises ConfigError naming the key."""
+    data: dict[str, Any] = load_yaml(path) if path else {}
+    data = copy.deepcopy(data)
+    for assignment in overrides or []:
+        apply_override(data, assignment)
+    return from_dict(RunConfig, data)
+
+
+def run_config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return to_dict(cfg)
+
+
+def describe_config(cls: type = RunConfig, prefix: str = "") -> list[str]:
+    """One line per field: dotted key, default and the field's docstring (for `npo train --help-config`)."""
+    lines = []
+    instance = cls()
+    for f in dataclasses.fields(cls):
+        value = getattr(instance, f.name)
+        if dataclasses.is_dataclass(value):
+            lines.append(f"{prefix}{f.name}:  # {_field_doc(cls, f.name)}")
+            lines.extend(describe_config(type(value), prefix + f.name + "."))
+        else:
+            lines.append(f"{prefix}{f.name} = {to_dict(value)!r}  # {_field_doc(cls, f.name)}")
+    return lines

@@ -1,0 +1,178 @@
+"""The `npo` command: wires the method (npo/) to its engines and runs it.
+
+    npo train   --config FILE [--set key=value ...] [--out DIR] [--resume DIR]
+    npo demo    --config FILE [--out DIR]            GRPO and AutoNPO side by side, same seed, then a comparison
+    npo compare DIR [DIR ...] [--out DIR]           table + overlay plots
+    npo analyze DIR [--deltas 0,10,20,40]           Q(Delta), V(Delta), S(Delta) across a run's checkpoints
+    npo config  [--config FILE]                     every option with its default and documentation
+
+Embedded default: every role runs in this process; the guidance cache is a real Redis-protocol server started
+here (cache.url empty) and stopped on exit. This module is the composition root, so it may import services.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from npo.config import ConfigError
+
+
+@contextlib.contextmanager
+def open_store(url: str, prefix: str) -> Iterator[object]:
+    """The guidance store: Redis at `url`, or an embedded Redis-protocol server when url is empty."""
+    from services.guidance_cache.embedded import EmbeddedRedis
+    from services.guidance_cache.store import RedisGuideStore
+
+    with contextlib.ExitStack() as stack:
+        if not url:
+            server = stack.enter_context(EmbeddedRedis())
+            url = server.url
+        store = RedisGuideStore(url, prefix=prefix)
+        stack.callback(store.close)
+        yield store
+
+
+def build_policy_and_task(cfg):
+    """The task (data + reward) and the policy model for a run config."""
+    from npo.models import load_policy
+    from npo.tasks import COMPACT_ALPHABET, load_task
+
+    task = load_task(cfg.task)
+    pairs = [(p.compact_prompt, p.solution) for p in task.train if p.compact_prompt and p.solution]
+    policy = load_policy(cfg.model, seed=cfg.seed, warmup_pairs=pairs, alphabet=COMPACT_ALPHABET)
+    return policy, task
+
+
+def train(config: str | None, overrides: list[str], out: str | None, resume: str | None, progress: bool = True) -> Path:
+    from npo.run_config import load_run_config
+    from npo.runner import Runner
+
+    if resume:
+        run_dir = Path(resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"--resume: {run_dir} has no config.yaml (is it a run folder?)")
+        cfg = load_run_config(config or run_dir / "config.yaml", overrides)
+    else:
+        cfg = load_run_config(config, overrides)
+        run_dir = Path(out or f"runs/{cfg.method.value}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
+    started = time.perf_counter()
+    policy, task = build_policy_and_task(cfg)
+    with open_store(cfg.cache.url, cfg.cache.prefix) as store:
+        runner = Runner(cfg, run_dir, policy=policy, task=task, store=store, progress=progress)
+        try:
+            runner.train(resume=bool(resume))
+        finally:
+            if not cfg.cache.url:
+                store.clear_run(runner.run)
+    from npo.report import write_report
+
+    report = write_report(run_dir)
+    print(f"run finished in {time.perf_counter() - started:.0f} s; report: {report}")
+    return run_dir
+
+
+def demo(config: str | None, overrides: list[str], out: str) -> None:
+    from npo.report import compare_runs
+
+    out_dir = Path(out)
+    runs = []
+    for method in ("grpo", "autonpo"):
+        print(f"== {method} ==")
+        runs.append(train(config, [*overrides, f"method={method}"], str(out_dir / method), None))
+    table, path = compare_runs(runs, out_dir)
+    print(table)
+    print(f"comparison report: {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="npo", description="GRPO with Near-Future Policy Optimization (NPO/AutoNPO)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_train = sub.add_parser("train", help="train a policy (embedded runtime)")
+    p_train.add_argument("--config", help="YAML run config (see configs/)")
+    p_train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a config value, e.g. --set train.steps=50 (repeatable)")
+    p_train.add_argument("--out", help="run folder (default runs/<method>-seed<seed>-<time>)")
+    p_train.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint")
+    p_train.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p_demo = sub.add_parser("demo", help="GRPO and AutoNPO side by side on the same seed, then compare")
+    p_demo.add_argument("--config", default="configs/demo.yaml")
+    p_demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p_demo.add_argument("--out", default="runs/demo")
+
+    p_cmp = sub.add_parser("compare", help="compare finished runs: table and overlay plots")
+    p_cmp.add_argument("runs", nargs="+")
+    p_cmp.add_argument("--out", help="where to write compare.md and plots (default: the first run's parent)")
+
+    p_an = sub.add_parser("analyze", help="measure Q(Delta), V(Delta), S(Delta) across a run's checkpoints")
+    p_an.add_argument("run")
+    p_an.add_argument("--deltas", default="0,10,20,40", help="comma-separated Delta values (0 = the noise floor)")
+    p_an.add_argument("--anchors", default="", help="comma-separated anchor steps t (default: every checkpoint)")
+    p_an.add_argument("--prompts", type=int, default=256, help="train prompts probed per anchor")
+    p_an.add_argument("--samples", type=int, default=8, help="samples per prompt")
+    p_an.add_argument("--seed", type=int, default=0)
+
+    p_cfg = sub.add_parser("config", help="print every config option with its default and documentation")
+    p_cfg.add_argument("--config", help="print this file resolved instead")
+    p_cfg.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            train(args.config, args.overrides, args.out, args.resume, progress=not args.no_progress)
+        elif args.command == "demo":
+            demo(args.config, args.overrides, args.out)
+        elif args.command == "compare":
+            from npo.report import compare_runs
+
+            out = Path(args.out) if args.out else Path(args.runs[0]).resolve().parent
+            table, path = compare_runs([Path(r) for r in args.runs], out)
+            print(table)
+            print(f"comparison report: {path}")
+        elif args.command == "analyze":
+            from npo.analyze import analyze_run
+
+            deltas = [int(x) for x in args.deltas.split(",") if x.strip()]
+            anchors = [int(x) for x in args.anchors.split(",") if x.strip()] or None
+            analyze_run(Path(args.run), deltas=deltas, anchors=anchors, num_prompts=args.prompts,
+                        samples=args.samples, seed=args.seed)
+        elif args.command == "config":
+            import yaml
+
+            from npo.run_config import describe_config, load_run_config, run_config_to_dict
+
+            if args.config or args.overrides:
+                print(yaml.safe_dump(run_config_to_dict(load_run_config(args.config, args.overrides)), sort_keys=False))
+            else:
+                print("\n".join(describe_config()))
+    except ConfigError as exc:
+        print(f"npo: config error: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"npo: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("npo: aborted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - Interrupted and checkpoint errors get a one-line message
+        from npo.checkpoint import CheckpointError
+        from npo.runner import Interrupted
+
+        if isinstance(exc, Interrupted):
+            print(f"npo: {exc}; continue with: npo train --resume {exc.path.parent.parent}", file=sys.stderr)
+            return 130
+        if isinstance(exc, CheckpointError):
+            print(f"npo: {exc}", file=sys.stderr)
+            return 1
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

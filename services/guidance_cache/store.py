@@ -1,0 +1,235 @@
+"""RedisGuideStore: the GuideStore (npo/store.py) on a Redis-protocol server, through redis-py.
+
+Keys of one run (`run` is used verbatim; steps are decimal integers, so two runs' keys never collide):
+- `{prefix}:{run}:guides:{guide_step}`  hash prompt_id -> Sample JSON (npo.store.sample_to_json)
+- `{prefix}:{run}:guide_steps`           sorted set of guide steps (member = score = the step)
+- `{prefix}:{run}:mistakes`              sorted set prompt_id, scored by the step it last failed at
+
+A read is one round trip (get_guides is one HMGET). A write that touches several keys is one MULTI/EXEC
+pipeline, so a put never leaves a half-written batch and the step index never names a missing hash.
+
+    with RedisGuideStore("unix:///tmp/npo/redis.sock") as store:
+        store.put_guides("run-1", 40, guides)
+        store.get_guides("run-1", 40, ["p3", "p7"])
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import redis
+from redis.connection import parse_url
+
+from npo.store import (
+    check_guides,
+    check_max_mistakes,
+    check_prompt_ids,
+    check_run,
+    check_step,
+    sample_from_json,
+)
+from npo.types import Sample
+
+
+def _text(value: bytes | str) -> str:
+    """A reply item as str, whether the client decodes responses or not."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _address(client: redis.Redis) -> str:
+    """Where `client` connects, for error messages (never includes a password)."""
+    kwargs = client.connection_pool.connection_kwargs
+    if kwargs.get("path"):
+        return f"unix://{kwargs['path']}"
+    return f"redis://{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
+
+
+def connect(url: str, *, password: str | None = None, connect_timeout: float = 5.0) -> redis.Redis:
+    """A redis-py client for a `redis://host:port[/db]`, `rediss://...` or `unix:///path` URL.
+
+    A password may be in the URL (`redis://:secret@host:6379`, `unix://:secret@/path/redis.sock`, or
+    `?password=secret`) or in `password`; when both are given they must agree.
+    """
+    if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(f"url: expected a redis://, rediss:// or unix:// URL, got {url!r}")
+    options = parse_url(url)
+    if password is not None:
+        if options.get("password") not in (None, password):
+            raise ValueError("password: differs from the password given in the URL")
+        options["password"] = password
+    options.setdefault("socket_connect_timeout", connect_timeout)
+    return redis.Redis.from_pool(redis.ConnectionPool(**options))
+
+
+class RedisGuideStore:
+    """A GuideStore on a Redis-protocol server (Redis >= 5 or Valkey).
+
+    `url_or_client` is a URL (see `connect`) or an existing redis.Redis; a URL's client is owned by the store and
+    closed by `close()`, a given client is left open. Construction sends a PING, so an unreachable server fails
+    here with a ConnectionError that names its address.
+    """
+
+    def __init__(
+        self,
+        url_or_client: str | redis.Redis,
+        *,
+        prefix: str = "npo",
+        max_mistakes: int = 4096,
+        password: str | None = None,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        if not isinstance(prefix, str) or not prefix:
+            raise ValueError(f"prefix: expected a non-empty key prefix, got {prefix!r}")
+        self.prefix = prefix
+        self.max_mistakes = check_max_mistakes(max_mistakes)
+        if isinstance(url_or_client, redis.Redis):
+            if password is not None:
+                raise ValueError("password: give it to the redis.Redis client, not alongside one")
+            self._client, self._owns_client = url_or_client, False
+        else:
+            self._client = connect(url_or_client, password=password, connect_timeout=connect_timeout)
+            self._owns_client = True
+        self.address = _address(self._client)
+        try:
+            with self._errors():
+                self._client.ping()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- keys and errors -------------------------------------------------------------------------------------------
+
+    def _guides_key(self, run: str, guide_step: int) -> str:
+        return f"{self.prefix}:{run}:guides:{guide_step}"
+
+    def _steps_key(self, run: str) -> str:
+        return f"{self.prefix}:{run}:guide_steps"
+
+    def _mistakes_key(self, run: str) -> str:
+        return f"{self.prefix}:{run}:mistakes"
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """Turn redis-py's connection failures into a builtin ConnectionError naming the server's address."""
+        try:
+            yield
+        except redis.AuthenticationError as exc:
+            raise ConnectionError(f"guidance cache: Redis at {self.address} refused the password: {exc}") from None
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise ConnectionError(f"guidance cache: cannot reach Redis at {self.address}: {exc}") from None
+
+    # -- guides ----------------------------------------------------------------------------------------------------
+
+    def put_guides(self, run: str, guide_step: int, guides: Sequence[Sample]) -> int:
+        """See npo.store.GuideStore.put_guides (one MULTI: HSET of the batch + ZADD of the step)."""
+        check_run(run)
+        check_step("guide_step", guide_step)
+        encoded = check_guides(guides)
+        if not encoded:
+            return 0
+        with self._errors(), self._client.pipeline(transaction=True) as pipe:
+            pipe.hset(self._guides_key(run, guide_step), mapping=encoded)
+            pipe.zadd(self._steps_key(run), {str(guide_step): guide_step})
+            pipe.execute()
+        return len(encoded)
+
+    def get_guides(self, run: str, guide_step: int, prompt_ids: Sequence[str]) -> dict[str, Sample]:
+        """See npo.store.GuideStore.get_guides (one HMGET)."""
+        check_run(run)
+        check_step("guide_step", guide_step)
+        wanted = list(dict.fromkeys(check_prompt_ids("prompt_ids", prompt_ids)))
+        if not wanted:
+            return {}
+        with self._errors():
+            values = self._client.hmget(self._guides_key(run, guide_step), wanted)
+        return {prompt_id: sample_from_json(v) for prompt_id, v in zip(wanted, values, strict=True) if v is not None}
+
+    def guide_steps(self, run: str) -> list[int]:
+        """See npo.store.GuideStore.guide_steps."""
+        check_run(run)
+        with self._errors():
+            members = self._client.zrange(self._steps_key(run), 0, -1)
+        return sorted(int(m) for m in members)
+
+    def delete_guides(self, run: str, guide_step: int) -> int:
+        """See npo.store.GuideStore.delete_guides (one MULTI: HLEN + DEL + ZREM)."""
+        check_run(run)
+        check_step("guide_step", guide_step)
+        key = self._guides_key(run, guide_step)
+        with self._errors(), self._client.pipeline(transaction=True) as pipe:
+            pipe.hlen(key)
+            pipe.delete(key)
+            pipe.zrem(self._steps_key(run), str(guide_step))
+            count, _, _ = pipe.execute()
+        return int(count)
+
+    # -- mistake pool ----------------------------------------------------------------------------------------------
+
+    def record_mistakes(self, run: str, step: int, prompt_ids: Sequence[str]) -> None:
+        """See npo.store.GuideStore.record_mistakes (one MULTI: ZADD + ZREMRANGEBYRANK of all but the newest
+        max_mistakes; a sorted set orders ties by member, as npo.store.oldest_first does)."""
+        check_run(run)
+        check_step("step", step)
+        ids = check_prompt_ids("prompt_ids", prompt_ids)
+        if not ids:
+            return
+        key = self._mistakes_key(run)
+        with self._errors(), self._client.pipeline(transaction=True) as pipe:
+            pipe.zadd(key, dict.fromkeys(ids, step))
+            pipe.zremrangebyrank(key, 0, -(self.max_mistakes + 1))
+            pipe.execute()
+
+    def get_mistakes(self, run: str, lo: int, hi: int) -> dict[str, int]:
+        """See npo.store.GuideStore.get_mistakes (one ZRANGEBYSCORE lo (hi)."""
+        check_run(run)
+        check_step("lo", lo)
+        check_step("hi", hi)
+        if lo > hi:
+            raise ValueError(f"lo: must be <= hi, got lo={lo}, hi={hi}")
+        if lo == hi:
+            return {}
+        with self._errors():
+            pairs = self._client.zrangebyscore(self._mistakes_key(run), lo, f"({hi}", withscores=True)
+        return {_text(member): int(score) for member, score in pairs}
+
+    def truncate_mistakes(self, run: str, from_step: int) -> int:
+        """See npo.store.GuideStore.truncate_mistakes (one ZREMRANGEBYSCORE from_step +inf)."""
+        check_run(run)
+        check_step("from_step", from_step)
+        with self._errors():
+            return int(self._client.zremrangebyscore(self._mistakes_key(run), from_step, "+inf"))
+
+    # -- whole run -------------------------------------------------------------------------------------------------
+
+    def stats(self, run: str) -> dict[str, Any]:
+        """See npo.store.GuideStore.stats."""
+        check_run(run)
+        steps = self.guide_steps(run)
+        with self._errors(), self._client.pipeline(transaction=True) as pipe:
+            for step in steps:
+                pipe.hlen(self._guides_key(run, step))
+            pipe.zcard(self._mistakes_key(run))
+            *lengths, mistakes = pipe.execute()
+        counts = {step: int(n) for step, n in zip(steps, lengths, strict=True) if n}
+        return {"guide_steps": counts, "guides": sum(counts.values()), "mistakes": int(mistakes)}
+
+    def clear_run(self, run: str) -> None:
+        """See npo.store.GuideStore.clear_run (one DEL of every key of the run)."""
+        check_run(run)
+        steps = self.guide_steps(run)
+        keys = [self._guides_key(run, step) for step in steps] + [self._steps_key(run), self._mistakes_key(run)]
+        with self._errors():
+            self._client.delete(*keys)
+
+    def close(self) -> None:
+        """Close the connection pool if this store created it (a client passed in is left to its owner)."""
+        if self._owns_client:
+            self._client.close()
+
+    def __enter__(self) -> RedisGuideStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,347 @@
+"""The guide store: the same behavioural tests on MemoryGuideStore and on RedisGuideStore over a real embedded
+valkey-server; plus the embedded server's lifecycle and the Redis store's connection errors."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from npo.store import GuideStore, MemoryGuideStore, sample_from_json, sample_to_json
+from npo.types import Sample
+from services.guidance_cache.embedded import EmbeddedRedis
+from services.guidance_cache.store import RedisGuideStore
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def guide(prompt_id: str, step: int = 7, logprobs: list[float] | None = None) -> Sample:
+    logprobs = logprobs if logprobs is not None else [-0.5, -1.25]
+    return Sample(prompt_id, list(range(3, 3 + len(logprobs))), logprobs, reward=1.0, text="42", policy_step=step)
+
+
+@pytest.fixture(scope="module")
+def server():
+    with EmbeddedRedis() as embedded:
+        yield embedded
+
+
+@pytest.fixture(params=["memory", "redis"])
+def make_store(request):
+    """Factory of empty stores of the parametrised kind (Redis ones get a fresh key prefix each)."""
+    stores = []
+
+    def make(max_mistakes: int = 4096) -> GuideStore:
+        if request.param == "memory":
+            store = MemoryGuideStore(max_mistakes=max_mistakes)
+        else:
+            prefix = f"test{len(stores)}-{request.node.name}"
+            store = RedisGuideStore(request.getfixturevalue("server").url, prefix=prefix, max_mistakes=max_mistakes)
+        stores.append(store)
+        return store
+
+    yield make
+    for store in stores:
+        store.close()
+
+
+@pytest.fixture
+def store(make_store):
+    return make_store()
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` is a running (not zombie) process."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Behaviour shared by both stores.
+
+
+def test_both_stores_satisfy_the_protocol(store):
+    assert isinstance(store, GuideStore)
+
+
+def test_guides_round_trip_exactly(store):
+    awkward = [0.1 + 0.2, -1e-300, -5e-324, math.nextafter(-1.0, 0.0), -123456.789012345678, -math.inf, 0.0]
+    original = Sample("p/1 é", [5, 6, 7, 8, 9, 10, 2], awkward, reward=0.75, text="x = ½\n", policy_step=40)
+    unfinished = Sample("p2", [], [], reward=0.0, text="", policy_step=40, finished=False)
+    assert store.put_guides("run", 40, [original, unfinished]) == 2
+
+    got = store.get_guides("run", 40, ["p/1 é", "p2"])
+    assert got == {"p/1 é": original, "p2": unfinished}
+    assert [x.hex() for x in got["p/1 é"].logprobs] == [x.hex() for x in awkward]
+    assert got["p/1 é"] is not original  # a copy, not the object that was put
+
+
+def test_get_guides_of_missing_ids_are_absent(store):
+    store.put_guides("run", 3, [guide("a"), guide("b")])
+    assert set(store.get_guides("run", 3, ["a", "zzz", "b", "a"])) == {"a", "b"}
+    assert store.get_guides("run", 3, ["zzz"]) == {}
+    assert store.get_guides("run", 3, []) == {}
+    assert store.get_guides("run", 4, ["a"]) == {}  # other guide step
+    assert store.get_guides("other-run", 3, ["a"]) == {}
+
+
+def test_put_replaces_a_prompts_guide_and_counts_distinct_ids(store):
+    assert store.put_guides("run", 5, [guide("a", logprobs=[-1.0]), guide("a", logprobs=[-2.0]), guide("b")]) == 2
+    assert store.get_guides("run", 5, ["a"])["a"].logprobs == [-2.0]  # later one in the batch wins
+    assert store.put_guides("run", 5, [guide("a", logprobs=[-3.0])]) == 1
+    assert store.get_guides("run", 5, ["a"])["a"].logprobs == [-3.0]
+    assert store.put_guides("run", 6, []) == 0
+    assert store.guide_steps("run") == [5]  # an empty batch registers no guide step
+    assert store.stats("run")["guides"] == 2
+
+
+def test_runs_are_namespaced(store):
+    store.put_guides("run", 1, [guide("a", logprobs=[-1.0])])
+    store.put_guides("run:guides:1", 1, [guide("a", logprobs=[-9.0])])
+    store.record_mistakes("run", 2, ["m"])
+    assert store.get_guides("run", 1, ["a"])["a"].logprobs == [-1.0]
+    assert store.get_guides("run:guides:1", 1, ["a"])["a"].logprobs == [-9.0]
+    assert store.get_mistakes("run:guides:1", 0, 100) == {}
+    assert store.guide_steps("runx") == []
+
+    store.clear_run("run")
+    assert store.stats("run") == {"guide_steps": {}, "guides": 0, "mistakes": 0}
+    assert store.get_guides("run:guides:1", 1, ["a"])["a"].logprobs == [-9.0]
+
+
+def test_guide_steps_delete_stats_and_clear(store):
+    store.put_guides("run", 30, [guide("a"), guide("b"), guide("c")])
+    store.put_guides("run", 10, [guide("a")])
+    store.put_guides("run", 20, [guide("x"), guide("y")])
+    store.record_mistakes("run", 4, ["m1", "m2"])
+    assert store.guide_steps("run") == [10, 20, 30]
+    assert store.stats("run") == {"guide_steps": {10: 1, 20: 2, 30: 3}, "guides": 6, "mistakes": 2}
+
+    assert store.delete_guides("run", 20) == 2
+    assert store.delete_guides("run", 20) == 0
+    assert store.delete_guides("run", 999) == 0
+    assert store.guide_steps("run") == [10, 30]
+    assert store.get_guides("run", 20, ["x"]) == {}
+    assert store.stats("run") == {"guide_steps": {10: 1, 30: 3}, "guides": 4, "mistakes": 2}
+
+    store.clear_run("run")
+    assert store.guide_steps("run") == []
+    assert store.get_guides("run", 30, ["a"]) == {}
+    assert store.get_mistakes("run", 0, 100) == {}
+    store.clear_run("run")  # clearing an empty run is fine
+
+
+def test_mistakes_by_step_range(store):
+    store.record_mistakes("run", 3, ["a", "b"])
+    store.record_mistakes("run", 5, ["c"])
+    store.record_mistakes("run", 9, ["d"])
+    store.record_mistakes("run", 9, [])
+    assert store.get_mistakes("run", 0, 100) == {"a": 3, "b": 3, "c": 5, "d": 9}
+    assert store.get_mistakes("run", 3, 9) == {"a": 3, "b": 3, "c": 5}  # [lo, hi): 9 excluded
+    assert store.get_mistakes("run", 4, 6) == {"c": 5}
+    assert store.get_mistakes("run", 5, 5) == {}
+    assert store.stats("run")["mistakes"] == 4
+
+
+def test_a_later_record_moves_the_prompt(store):
+    store.record_mistakes("run", 3, ["a", "b"])
+    store.record_mistakes("run", 8, ["a"])
+    assert store.get_mistakes("run", 0, 5) == {"b": 3}
+    assert store.get_mistakes("run", 5, 10) == {"a": 8}
+    assert store.stats("run")["mistakes"] == 2
+
+
+def test_truncate_forgets_records_from_a_step_on(store):
+    store.record_mistakes("run", 2, ["a"])
+    store.record_mistakes("run", 6, ["b", "c"])
+    store.record_mistakes("run", 9, ["d"])
+    assert store.truncate_mistakes("run", 6) == 3
+    assert store.get_mistakes("run", 0, 100) == {"a": 2}
+    assert store.truncate_mistakes("run", 6) == 0
+    store.record_mistakes("run", 7, ["b"])  # the replayed future records again
+    assert store.get_mistakes("run", 0, 100) == {"a": 2, "b": 7}
+
+
+def test_mistake_pool_is_bounded_evicting_the_oldest_steps(make_store):
+    store = make_store(max_mistakes=3)
+    store.record_mistakes("run", 1, ["old"])
+    store.record_mistakes("run", 2, ["b", "a"])
+    store.record_mistakes("run", 3, ["new"])
+    assert store.get_mistakes("run", 0, 100) == {"a": 2, "b": 2, "new": 3}
+    store.record_mistakes("run", 4, ["x", "y"])  # ties at step 2 go in prompt-id order: "a" first
+    assert store.get_mistakes("run", 0, 100) == {"new": 3, "x": 4, "y": 4}
+    store.record_mistakes("run", 5, ["new"])  # re-recording moves it, so nothing is evicted
+    assert store.get_mistakes("run", 0, 100) == {"x": 4, "y": 4, "new": 5}
+
+
+def test_a_rejected_batch_writes_nothing(store):
+    batch = [guide("a"), guide("b"), Sample("", [1], [-0.1])]
+    with pytest.raises(ValueError, match=r"guides\[2\]\.prompt_id"):
+        store.put_guides("run", 1, batch)
+    assert store.guide_steps("run") == []
+    assert store.get_guides("run", 1, ["a", "b"]) == {}
+
+
+@pytest.mark.parametrize(
+    "call, argument",
+    [
+        (lambda s: s.put_guides("", 1, [guide("a")]), "run"),
+        (lambda s: s.put_guides(None, 1, [guide("a")]), "run"),
+        (lambda s: s.put_guides("run", -1, [guide("a")]), "guide_step"),
+        (lambda s: s.put_guides("run", 1.0, [guide("a")]), "guide_step"),
+        (lambda s: s.put_guides("run", True, [guide("a")]), "guide_step"),
+        (lambda s: s.put_guides("run", 1, [guide("a"), "not a sample"]), r"guides\[1\]"),
+        (lambda s: s.put_guides("run", 1, [Sample("", [], [])]), r"guides\[0\]\.prompt_id"),
+        (lambda s: s.get_guides("run", -2, ["a"]), "guide_step"),
+        (lambda s: s.get_guides("run", 1, "abc"), "prompt_ids"),
+        (lambda s: s.get_guides("run", 1, ["a", ""]), r"prompt_ids\[1\]"),
+        (lambda s: s.guide_steps(""), "run"),
+        (lambda s: s.delete_guides("run", -1), "guide_step"),
+        (lambda s: s.record_mistakes("run", -1, ["a"]), "step"),
+        (lambda s: s.record_mistakes("run", 1, "a"), "prompt_ids"),
+        (lambda s: s.record_mistakes("run", 1, [3]), r"prompt_ids\[0\]"),
+        (lambda s: s.get_mistakes("run", 5, 4), "lo"),
+        (lambda s: s.get_mistakes("run", -1, 4), "lo"),
+        (lambda s: s.truncate_mistakes("run", -1), "from_step"),
+        (lambda s: s.stats(""), "run"),
+        (lambda s: s.clear_run(""), "run"),
+    ],
+)
+def test_bad_input_raises_value_error_naming_the_argument(store, call, argument):
+    with pytest.raises(ValueError, match=rf"^{argument}"):
+        call(store)
+
+
+def test_bad_max_mistakes_is_rejected(make_store):
+    with pytest.raises(ValueError, match="max_mistakes"):
+        make_store(max_mistakes=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Serialisation.
+
+
+def test_sample_json_is_versioned_plain_json():
+    text = sample_to_json(guide("a"))
+    assert text.startswith('{"v":1,') and '"prompt_id":"a"' in text
+    assert sample_from_json(text.encode()) == guide("a")
+    with pytest.raises(ValueError, match="version 2"):
+        sample_from_json(text.replace('"v":1', '"v":2'))
+    with pytest.raises(ValueError, match="logprobs"):
+        sample_from_json(text.replace('"logprobs"', '"lp"'))
+    with pytest.raises(ValueError, match="data"):
+        sample_from_json(b"\x80\x04pickle")
+
+
+def test_core_store_does_not_import_redis():
+    code = "import sys, npo.store; print(sorted(m for m in ('redis', 'valkey', 'grpc') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Redis specifics.
+
+
+def test_get_guides_is_one_round_trip_and_put_one_transaction(server):
+    client = redis.Redis.from_url(server.url)
+    with RedisGuideStore(client, prefix="roundtrip") as store:
+        client.config_resetstat()
+        store.put_guides("run", 2, [guide(f"p{i}") for i in range(50)])
+        stats = client.info("commandstats")
+        assert {name: s["calls"] for name, s in stats.items() if name != "cmdstat_config|resetstat"} == {
+            "cmdstat_multi": 1,
+            "cmdstat_hset": 1,
+            "cmdstat_zadd": 1,
+            "cmdstat_exec": 1,
+        }
+        client.config_resetstat()
+        assert len(store.get_guides("run", 2, [f"p{i}" for i in range(0, 100, 2)])) == 25
+        calls = {name: s["calls"] for name, s in client.info("commandstats").items()}
+        assert calls.get("cmdstat_hmget") == 1
+        assert set(calls) <= {"cmdstat_hmget", "cmdstat_config|resetstat"}
+    assert client.ping()  # a client passed in stays open after the store is closed
+    client.close()
+
+
+def test_redis_store_accepts_a_password_in_the_url_or_as_an_argument():
+    with EmbeddedRedis(password="s3cret:/@x", unix_socket=False) as secured:
+        assert secured.url.startswith("redis://:") and secured.port is not None
+        with RedisGuideStore(secured.url) as store:
+            store.put_guides("run", 1, [guide("a")])
+        bare_url = f"redis://127.0.0.1:{secured.port}"
+        with RedisGuideStore(bare_url, password="s3cret:/@x") as store:
+            assert set(store.get_guides("run", 1, ["a"])) == {"a"}
+        with pytest.raises(ConnectionError, match=rf"{bare_url}.*password"):
+            RedisGuideStore(bare_url, password="wrong")
+        with pytest.raises(ValueError, match="password"):
+            RedisGuideStore(secured.url, password="other")
+
+
+def test_unreachable_server_raises_a_clear_connection_error():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(ConnectionError, match=rf"cannot reach Redis at redis://127\.0\.0\.1:{port}") as info:
+        RedisGuideStore(f"redis://127.0.0.1:{port}")
+    assert time.monotonic() - started < 5.0
+    assert info.value.__cause__ is None and info.value.__suppress_context__  # no chained redis-py traceback
+    with pytest.raises(ValueError, match="url"):
+        RedisGuideStore("http://127.0.0.1:6379")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The embedded server's lifecycle.
+
+
+def test_embedded_redis_keeps_nothing_on_disk_and_stop_really_stops(server):
+    embedded = EmbeddedRedis()
+    assert embedded.is_running() and _alive(embedded.pid)
+    assert embedded.socket_path is not None and embedded.socket_path.is_socket()
+    assert oct(embedded.socket_path.stat().st_mode & 0o777) == "0o700"
+    with RedisGuideStore(embedded.url) as store:
+        store.put_guides("run", 1, [guide("a")])
+    assert sorted(p.name for p in embedded.directory.iterdir()) == ["redis.sock", "server.log"]
+
+    embedded.stop()
+    assert not embedded.is_running() and not _alive(embedded.pid)
+    assert not embedded.socket_path.exists() and not embedded.directory.exists()
+    embedded.stop()  # idempotent
+    with pytest.raises(ConnectionError, match="cannot reach Redis at unix://"):
+        RedisGuideStore(embedded.url)
+    assert server.is_running()  # other servers are untouched
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux only")
+@pytest.mark.parametrize("ending", ["exit", "sigkill"])
+def test_embedded_redis_dies_with_its_parent(ending):
+    code = (
+        "import os, signal, sys\n"
+        "from services.guidance_cache.embedded import EmbeddedRedis\n"
+        "server = EmbeddedRedis()\n"
+        "print(server.pid, server.directory, flush=True)\n"
+        f"os.kill(os.getpid(), signal.SIGKILL) if {ending == 'sigkill'} else sys.exit(0)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert result.returncode == (-signal.SIGKILL if ending == "sigkill" else 0), result.stderr
+    pid, directory = result.stdout.split()
+    deadline = time.monotonic() + 5.0
+    while _alive(int(pid)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not _alive(int(pid))
+    if ending == "exit":  # a clean exit also removes the private directory
+        assert not os.path.exists(directory)
+    shutil.rmtree(directory, ignore_errors=True)  # after SIGKILL nobody could
