@@ -51,4 +51,6 @@ def pass_rates(rewards: torch.Tensor, correct_threshold: float = 1.0) -> torch.T
     """
     if rewards.dim() != 2:
         raise ValueError(f"rewards: expected shape (G, n), got {tuple(rewards.shape)}")
+    if rewards.is_floating_point() and not torch.isfinite(rewards).all():
+        raise ValueError("rewards: contains NaN or infinite values")
     return (rewards >= correct_threshold).float().mean(dim=1)

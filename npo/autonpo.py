@@ -235,7 +235,9 @@ def estimate_candidate(
     in_window = [p for p, s in failed_at.items() if step - delta <= s < step]
     q, n = q_hat(solved, in_window)
     v = v_hat(kl, beta)
-    return CandidateEstimate(delta, step - delta, q, kl, v, q / v if v > 0 else 0.0, n)
+    exponent = beta * kl
+    s_hat = q * math.exp(-exponent) if exponent > -700 else (math.inf if q > 0 else 0.0)  # Q / V without 0 * inf
+    return CandidateEstimate(delta, step - delta, q, kl, v, s_hat, n)
 
 
 def choose_delta(candidates: Sequence[CandidateEstimate], q_min: float) -> CandidateEstimate | None:

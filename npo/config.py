@@ -219,13 +219,18 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
     hints = _resolve_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = list(fields)
     kwargs = {}
     for key, value in data.items():
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
-            hint = f"; did you mean {prefix}{close[0]!r}?" if close else f"; valid keys: {', '.join(names)}"
-            raise ConfigError(f"unknown config key {prefix}{key!r}{hint}")
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+        default = _field_default(fields[key])
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            # A partial section overrides the parent's default section, not the section class's defaults.
+            value = {**to_dict(default), **value}
         kwargs[key] = _coerce(value, hints[key], prefix + key)
     try:
         obj = cls(**kwargs)
@@ -238,6 +243,12 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
             raise ConfigError(prefix + message) from None
         raise
     return obj
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None if f.default is dataclasses.MISSING else f.default
 
 
 def to_dict(obj: Any) -> Any:
@@ -287,12 +298,14 @@ def _validate_algo(c: AlgoConfig, p: str = "algo.") -> None:
     _check_range(p + "adv_eps", c.adv_eps, 0.0)
     _check_range(p + "entropy_coef", c.entropy_coef, 0.0)
     _check_range(p + "kl_coef", c.kl_coef, 0.0)
+    _check_range(p + "correct_threshold", c.correct_threshold)
 
 
 def _validate_autonpo(c: AutoNPOConfig, p: str = "autonpo.") -> None:
     _check_range(p + "ema_decay", c.ema_decay, 0.0, 1.0)
     _check_range(p + "window", c.window, 1)
     _check_range(p + "entropy_drop_frac", c.entropy_drop_frac, 0.0, 1.0)
+    _check_range(p + "reward_gain_min", c.reward_gain_min)
     if not c.candidate_deltas:
         raise ConfigError(f"{p}candidate_deltas: must name at least one distance")
     for d in c.candidate_deltas:

@@ -50,6 +50,9 @@ def group_pass_rate(samples: Sequence[Sample], correct_threshold: float) -> floa
     """p_hat(x) = |{i : R_i >= correct_threshold}| / n."""
     if not samples:
         raise ValueError("samples: a group needs at least one sample")
+    for s in samples:
+        if not math.isfinite(s.reward):
+            raise ValueError(f"reward: NaN or infinite reward for prompt {s.prompt_id!r}")
     return sum(s.reward >= correct_threshold for s in samples) / len(samples)
 
 

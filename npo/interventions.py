@@ -100,6 +100,7 @@ def autonpo_plan(trigger_step: int, delta: int, replay_steps: int | None = None)
     _check("delta", delta, 1)
     _check("trigger_step", trigger_step, delta)
     replay = delta if replay_steps is None else replay_steps
+    _check("replay_steps", replay, 1)
     return InterventionPlan(InterventionKind.AUTONPO, None, trigger_step, trigger_step - delta, replay)
 
 

@@ -46,6 +46,8 @@ def aggregate(
         per_seq = masked.sum(dim=-1) / lengths.clamp(min=1.0)  # (B,)
         has_tokens = (lengths > 0).to(values.dtype)
         return (per_seq * has_tokens).sum() / has_tokens.sum().clamp(min=1.0)
+    if values.numel() == 0:
+        return values.sum()
     norm = float(max_len if max_len is not None else values.shape[-1])
     if norm <= 0:
         raise ValueError(f"max_len: must be > 0, got {max_len}")
@@ -70,8 +72,8 @@ def kl_k3(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """H = -sum_v p_v log p_v with p = softmax(logits).  Shapes: (..., V) -> (...)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(dim=-1)
+    probs = torch.softmax(logits.float(), dim=-1)
+    return torch.special.entr(probs).sum(dim=-1)  # entr(p) = -p log p, and 0 where p = 0
 
 
 def policy_loss(
@@ -162,7 +164,8 @@ def policy_loss(
         if ref_logprobs is None:
             raise ValueError("ref_logprobs: required when kl_coef > 0")
         _check_same_shape(logprobs=logprobs, ref_logprobs=ref_logprobs)
-        ref_kl = kl_k3(logprobs, ref_logprobs.detach())  # (B, T), KL(pi_theta || pi_ref)
+        zeros = torch.zeros_like(logprobs)
+        ref_kl = kl_k3(torch.where(valid, logprobs, zeros), torch.where(valid, ref_logprobs.detach(), zeros))  # (B, T)
         loss = loss + kl_coef * aggregate(ref_kl, valid, aggregation, max_len=max_len)
         metrics["ref_kl"] = float(torch.where(valid, ref_kl.detach(), 0.0).sum() / valid.sum().clamp(min=1))
     metrics["pg_loss"] = float(pg_loss.detach())
