@@ -268,7 +268,7 @@ class AutoNPODecision:
 
 @dataclass
 class AutoNPO:
-    """The AutoNPO decision state: trigger, cool-down and Delta selection. Survives rollbacks (it is not rolled back)."""
+    """AutoNPO decision state: trigger, cool-down and Delta selection. Survives rollbacks (is not rolled back)."""
 
     cfg: AutoNPOConfig
     detector: PlateauDetector = field(init=False)

@@ -9,7 +9,7 @@ Every intervention has the same shape:
 
 - early bootstrap at t0 with Delta:  scout t0 -> t0 + Delta, guide t0 + Delta, roll back to t0, replay.
 - plateau breakthrough at t_p:      scout t_p -> t_p + Delta, guide t_p + Delta, roll back to t_p, replay.
-- AutoNPO at t with Delta*:          no scout (the run itself got there), guide t, roll back to t - Delta*, replay Delta*.
+- AutoNPO at t with Delta*:          no scout (the run got there itself), guide t, roll back to t - Delta*, replay.
 """
 
 from __future__ import annotations
@@ -92,7 +92,9 @@ def plateau_breakthrough_plan(plateau_step: int, delta: int, replay_steps: int |
     _check("delta", delta, 1)
     replay = delta if replay_steps is None else replay_steps
     _check("replay_steps", replay, 1)
-    return InterventionPlan(InterventionKind.PLATEAU_BREAKTHROUGH, plateau_step, plateau_step + delta, plateau_step, replay)
+    return InterventionPlan(
+        InterventionKind.PLATEAU_BREAKTHROUGH, plateau_step, plateau_step + delta, plateau_step, replay
+    )
 
 
 def autonpo_plan(trigger_step: int, delta: int, replay_steps: int | None = None) -> InterventionPlan:

@@ -202,8 +202,12 @@ class Runner:
                 self.step += 1
                 if bar is not None:
                     bar.n = self.step
-                    bar.set_postfix(reward=f"{row['reward_mean']:.3f}", entropy=f"{row['entropy']:.3f}",
-                                    seg=row["segment"], refresh=False)
+                    bar.set_postfix(
+                        reward=f"{row['reward_mean']:.3f}",
+                        entropy=f"{row['entropy']:.3f}",
+                        seg=row["segment"],
+                        refresh=False,
+                    )
                     bar.refresh()
             self._finish()
         finally:
@@ -233,8 +237,11 @@ class Runner:
             for g in gens:
                 text = decode(g.token_ids, skip_special_tokens=True)
                 reward = float(self.task.reward(problem, text)) if g.finished else 0.0
-                group.append(Sample(problem.prompt_id, list(g.token_ids), list(g.logprobs), reward, text,
-                                    policy_step, g.finished))
+                group.append(
+                    Sample(
+                        problem.prompt_id, list(g.token_ids), list(g.logprobs), reward, text, policy_step, g.finished
+                    )
+                )
             groups.append(group)
         self.samples_total += sum(len(g) for g in generations)
         return groups
@@ -244,8 +251,12 @@ class Runner:
         started = time.perf_counter()
         problems = self.sampler.batch(t)
         prompt_ids = {p.prompt_id: self.policy.encode_prompt(p) for p in problems}
-        gens = self.engine.generate([prompt_ids[p.prompt_id] for p in problems], cfg.algo.group_size,
-                                    self._rollout_params(), seed=derive_seed(cfg.seed, "rollout", t))
+        gens = self.engine.generate(
+            [prompt_ids[p.prompt_id] for p in problems],
+            cfg.algo.group_size,
+            self._rollout_params(),
+            seed=derive_seed(cfg.seed, "rollout", t),
+        )
         groups = self._verify(problems, gens, t)
         gen_seconds = time.perf_counter() - started
         thr = cfg.algo.correct_threshold
@@ -261,11 +272,20 @@ class Runner:
                 guides = self.store.get_guides(self.run, self.segment.guide_step, gated)
 
         def rollout_logprobs(guide_samples: list[Sample]) -> list[list[float]]:
-            return self.engine.score([prompt_ids[s.prompt_id] for s in guide_samples],
-                                     [s.response_ids for s in guide_samples], temperature=cfg.rollout.temperature)
+            return self.engine.score(
+                [prompt_ids[s.prompt_id] for s in guide_samples],
+                [s.response_ids for s in guide_samples],
+                temperature=cfg.rollout.temperature,
+            )
 
-        mixed = build_mixed_groups(groups, guides, tau_gate=cfg.algo.tau_gate, correct_threshold=thr,
-                                   is_correction=cfg.algo.is_correction, rollout_logprobs=rollout_logprobs)
+        mixed = build_mixed_groups(
+            groups,
+            guides,
+            tau_gate=cfg.algo.tau_gate,
+            correct_threshold=thr,
+            is_correction=cfg.algo.is_correction,
+            rollout_logprobs=rollout_logprobs,
+        )
         metrics = self.learner.train_step(mixed, prompt_ids)
         self.optimizer_steps += 1
         onpolicy = [s for g in groups for s in g]
@@ -322,13 +342,28 @@ class Runner:
         if entry["phase"] == "scouting" and t == plan.guide_step:
             prompts = {p.prompt_id: p for s in plan.replay_range() for p in self.sampler.batch(s)}
             found = self._make_guides(list(prompts.values()), plan.guide_step)
-            self._record({"kind": plan.kind.value, "event": "guides", "step": t, "guide_step": plan.guide_step,
-                          "prompts": len(prompts), "guides": found})
+            self._record(
+                {
+                    "kind": plan.kind.value,
+                    "event": "guides",
+                    "step": t,
+                    "guide_step": plan.guide_step,
+                    "prompts": len(prompts),
+                    "guides": found,
+                }
+            )
             self._rollback(plan.rollback_step)
             entry["phase"] = "replaying"
             self.segment = Segment("npo_replay", True, plan.guide_step, plan.replay_end)
-            self._record({"kind": plan.kind.value, "event": "rollback", "step": t, "to_step": plan.rollback_step,
-                          "replay_steps": plan.replay_steps})
+            self._record(
+                {
+                    "kind": plan.kind.value,
+                    "event": "rollback",
+                    "step": t,
+                    "to_step": plan.rollback_step,
+                    "replay_steps": plan.replay_steps,
+                }
+            )
         elif entry["phase"] == "replaying" and self.step >= plan.replay_end:
             entry["phase"] = "done"
 
@@ -337,11 +372,15 @@ class Runner:
         verified-correct one of each prompt. Returns the number of prompts with a guide."""
         cfg = self.cfg
         prompt_ids = [self.policy.encode_prompt(p) for p in problems]
-        gens = self.engine.generate(prompt_ids, cfg.npo.guide_samples, self._rollout_params(),
-                                    seed=derive_seed(cfg.seed, "guides", guide_step))
+        gens = self.engine.generate(
+            prompt_ids, cfg.npo.guide_samples, self._rollout_params(), seed=derive_seed(cfg.seed, "guides", guide_step)
+        )
         groups = self._verify(problems, gens, guide_step)
-        guides = [next(s for s in g if s.reward >= cfg.algo.correct_threshold)
-                  for g in groups if any(s.reward >= cfg.algo.correct_threshold for s in g)]
+        guides = [
+            next(s for s in g if s.reward >= cfg.algo.correct_threshold)
+            for g in groups
+            if any(s.reward >= cfg.algo.correct_threshold for s in g)
+        ]
         if guides:
             self.store.put_guides(self.run, guide_step, guides)
         return len(guides)
@@ -361,8 +400,9 @@ class Runner:
             return
         problems = [self.problems[p] for p in probe_ids if p in self.problems]
         prompt_ids = [self.policy.encode_prompt(p) for p in problems]
-        gens = self.engine.generate(prompt_ids, cfg.autonpo.probe_samples, self._rollout_params(),
-                                    seed=derive_seed(cfg.seed, "probe", t))
+        gens = self.engine.generate(
+            prompt_ids, cfg.autonpo.probe_samples, self._rollout_params(), seed=derive_seed(cfg.seed, "probe", t)
+        )
         groups = self._verify(problems, gens, t)
         thr = cfg.algo.correct_threshold
         solved = {g[0].prompt_id: any(s.reward >= thr for s in g) for g in groups}
@@ -374,13 +414,19 @@ class Runner:
             kl_by_delta[d] = mean_token_kl(current, past, cfg.autonpo.kl_estimator)
         mean_len = float(np.mean([len(s.response_ids) for _, s in flat])) if flat else 0.0
         decision = self.autonpo.decide(t, mistakes, solved, kl_by_delta, mean_len, reading)
-        self._record({
-            "kind": "autonpo", "event": "probe", "step": t, "probed": len(problems),
-            "solved": int(sum(solved.values())), "reading": reading.__dict__,
-            "candidates": [c.__dict__ for c in (decision.candidates if decision else [])] or
-            [{"delta": d, "kl": kl_by_delta[d]} for d in deltas],
-            "decision": decision.to_dict() if decision else None,
-        })
+        self._record(
+            {
+                "kind": "autonpo",
+                "event": "probe",
+                "step": t,
+                "probed": len(problems),
+                "solved": int(sum(solved.values())),
+                "reading": reading.__dict__,
+                "candidates": [c.__dict__ for c in (decision.candidates if decision else [])]
+                or [{"delta": d, "kl": kl_by_delta[d]} for d in deltas],
+                "decision": decision.to_dict() if decision else None,
+            }
+        )
         if decision is None:
             return
         by_prompt = {g[0].prompt_id: g for g in groups}
@@ -389,8 +435,17 @@ class Runner:
         plan = autonpo_plan(t, decision.delta)
         self._rollback(plan.rollback_step)
         self.segment = Segment("autonpo_replay", True, plan.guide_step, plan.replay_end)
-        self._record({"kind": "autonpo", "event": "rollback", "step": t, "to_step": plan.rollback_step,
-                      "delta": decision.delta, "guides": len(guides), "plan": plan.to_dict()})
+        self._record(
+            {
+                "kind": "autonpo",
+                "event": "rollback",
+                "step": t,
+                "to_step": plan.rollback_step,
+                "delta": decision.delta,
+                "guides": len(guides),
+                "plan": plan.to_dict(),
+            }
+        )
 
     def _score_under(self, step: int, prompts: list[list[int]], responses: list[list[int]]) -> list[list[float]]:
         """Teacher-forced log-probs of the responses under checkpoint pi^(step) (a separate model copy)."""
@@ -409,10 +464,10 @@ class Runner:
         cfg = self.cfg.eval
         problems = self.task.test[: cfg.num_prompts]
         prompt_ids = [self.policy.encode_prompt(p) for p in problems]
-        params = SamplingParams(temperature=cfg.temperature, top_p=1.0,
-                                max_new_tokens=self.cfg.rollout.max_new_tokens)
-        gens = self.engine.generate(prompt_ids, cfg.samples_per_prompt, params,
-                                    seed=derive_seed(self.cfg.seed, "eval", t))
+        params = SamplingParams(temperature=cfg.temperature, top_p=1.0, max_new_tokens=self.cfg.rollout.max_new_tokens)
+        gens = self.engine.generate(
+            prompt_ids, cfg.samples_per_prompt, params, seed=derive_seed(self.cfg.seed, "eval", t)
+        )
         out = {"eval_acc": self._accuracy(problems, gens)}
         if cfg.greedy:
             greedy = SamplingParams(temperature=0.0, max_new_tokens=self.cfg.rollout.max_new_tokens)
@@ -456,8 +511,9 @@ class Runner:
             self.policy.tokenizer.save_pretrained(folder)
 
         trainer_state = {**self.learner.state_dict(), "rng": rng_state(), "data_cursor": step}
-        path = self.ckpt.save(step, write_model, trainer_state, self._runner_state(), guides,
-                              run_config_to_dict(self.cfg))
+        path = self.ckpt.save(
+            step, write_model, trainer_state, self._runner_state(), guides, run_config_to_dict(self.cfg)
+        )
         if self.cfg.checkpoint.keep_last:
             self.ckpt.prune(self.cfg.checkpoint.keep_last, self._protected_steps())
         return path
@@ -511,7 +567,9 @@ class Runner:
         for s in sorted(by_step):
             self.store.record_mistakes(self.run, s, by_step[s])
         if checkpoint.guides_jsonl:
-            self.store.put_guides(self.run, self.segment.guide_step, [sample_from_json(x) for x in checkpoint.guides_jsonl])
+            self.store.put_guides(
+                self.run, self.segment.guide_step, [sample_from_json(x) for x in checkpoint.guides_jsonl]
+            )
         for name, key in (("metrics.jsonl", "metrics_lines"), ("interventions.jsonl", "interventions_lines")):
             _truncate_lines(self.out / name, state[key])
         raw = self.autonpo.detector.state_dict()["raw"]
@@ -520,8 +578,12 @@ class Runner:
     def _finish(self) -> None:
         t = self.step
         self._save_checkpoint(t)
-        row: dict[str, Any] = {"step": t, "segment": "final", "optimizer_steps": self.optimizer_steps,
-                               "samples_total": self.samples_total}
+        row: dict[str, Any] = {
+            "step": t,
+            "segment": "final",
+            "optimizer_steps": self.optimizer_steps,
+            "samples_total": self.samples_total,
+        }
         if self.cfg.eval.every > 0:
             row.update(self._evaluate(t))
         row["wall_time"] = self.wall_offset + time.perf_counter() - self._start
@@ -540,8 +602,11 @@ class Runner:
                     tb.add_scalar(key, value, row["step"])
 
     def _record(self, event: dict[str, Any]) -> None:
-        event = {**event, "optimizer_steps": self.optimizer_steps,
-                 "wall_time": self.wall_offset + time.perf_counter() - self._start}
+        event = {
+            **event,
+            "optimizer_steps": self.optimizer_steps,
+            "wall_time": self.wall_offset + time.perf_counter() - self._start,
+        }
         with open(self.out / "interventions.jsonl", "a") as f:
             f.write(json.dumps(event, sort_keys=True, default=_jsonable) + "\n")
         if self.progress:
@@ -562,8 +627,13 @@ class Runner:
             return None
         from tqdm import tqdm
 
-        return tqdm(total=self.cfg.train.steps, initial=self.step, desc=f"{self.cfg.method.value} {self.run}",
-                    unit="step", dynamic_ncols=True)
+        return tqdm(
+            total=self.cfg.train.steps,
+            initial=self.step,
+            desc=f"{self.cfg.method.value} {self.run}",
+            unit="step",
+            dynamic_ncols=True,
+        )
 
     def _install_sigint(self):
         if threading.current_thread() is not threading.main_thread():

@@ -95,8 +95,14 @@ def main(argv: list[str] | None = None) -> int:
 
     p_train = sub.add_parser("train", help="train a policy (embedded runtime)")
     p_train.add_argument("--config", help="YAML run config (see configs/)")
-    p_train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                         help="override a config value, e.g. --set train.steps=50 (repeatable)")
+    p_train.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.steps=50 (repeatable)",
+    )
     p_train.add_argument("--out", help="run folder (default runs/<method>-seed<seed>-<time>)")
     p_train.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint")
     p_train.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -140,8 +146,14 @@ def main(argv: list[str] | None = None) -> int:
 
             deltas = [int(x) for x in args.deltas.split(",") if x.strip()]
             anchors = [int(x) for x in args.anchors.split(",") if x.strip()] or None
-            analyze_run(Path(args.run), deltas=deltas, anchors=anchors, num_prompts=args.prompts,
-                        samples=args.samples, seed=args.seed)
+            analyze_run(
+                Path(args.run),
+                deltas=deltas,
+                anchors=anchors,
+                num_prompts=args.prompts,
+                samples=args.samples,
+                seed=args.seed,
+            )
         elif args.command == "config":
             import yaml
 
