@@ -130,6 +130,7 @@ class Runner:
         engine: RolloutEngine | None = None,
         progress: bool = True,
         log: Callable[[str], None] = print,
+        after_step: Callable[[Runner, dict[str, Any]], None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.out = Path(out_dir)
@@ -154,7 +155,7 @@ class Runner:
         self.sampler = PromptSampler(task.train, cfg.train.prompts_per_step, cfg.seed)
         self.problems = {p.prompt_id: p for p in task.train}
         self.autonpo = AutoNPO(cfg.autonpo)
-        self.progress, self.log = progress, log
+        self.progress, self.log, self.after_step = progress, log, after_step
         # Run state (saved in checkpoints for --resume; a rollback keeps it).
         self.step = 0
         self.optimizer_steps = 0
@@ -189,35 +190,51 @@ class Runner:
         if self.cfg.train.threads:
             torch.set_num_threads(self.cfg.train.threads)
         previous = self._install_sigint()
-        bar = self._progress_bar()
         try:
-            while self.step < self.cfg.train.steps:
-                if self._stop_requested:
-                    path = self._save_checkpoint(self.step)
-                    raise Interrupted(self.step, path)
-                self._before_step()
-                if self.step >= self.cfg.train.steps:
-                    break
-                row = self._train_one_step()
-                self.step += 1
-                if bar is not None:
-                    bar.n = self.step
-                    bar.set_postfix(
-                        reward=f"{row['reward_mean']:.3f}",
-                        entropy=f"{row['entropy']:.3f}",
-                        seg=row["segment"],
-                        refresh=False,
-                    )
-                    bar.refresh()
+            self.run_until(self.cfg.train.steps)
             self._finish()
         finally:
-            if bar is not None:
-                bar.close()
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
             if self._tb is not None:
                 self._tb.close()
+                self._tb = None
         return self.out
+
+    def run_until(self, end_step: int) -> None:
+        """Train until the main line reaches `end_step` (interventions may roll back and replay on the way).
+
+        Raises Interrupted, after saving a checkpoint, when a stop was requested (Ctrl-C)."""
+        bar = self._progress_bar()
+        try:
+            while self.step < end_step:
+                if self._stop_requested:
+                    self._stop_requested = False
+                    path = self._save_checkpoint(self.step)
+                    raise Interrupted(self.step, path)
+                self._before_step()
+                if self.step >= end_step:
+                    break
+                row = self._train_one_step()
+                self.step += 1
+                if self.after_step is not None:
+                    self.after_step(self, row)
+                if bar is not None:
+                    bar.n = self.step
+                    postfix = {"reward": f"{row['reward_mean']:.3f}", "entropy": f"{row['entropy']:.3f}"}
+                    bar.set_postfix(**postfix, seg=row["segment"], refresh=False)
+                    bar.refresh()
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def rollback(self, to_step: int) -> None:
+        """Manual rollback to checkpoint `to_step` (weights, optimizer, RNG, data cursor)."""
+        if to_step > self.step:
+            raise ValueError(f"to_step: cannot roll forward ({to_step} > current step {self.step})")
+        from_step = self.step
+        self._rollback(to_step)
+        self._record({"kind": "rollback", "event": "rollback", "step": from_step, "to_step": to_step})
 
     def request_stop(self) -> None:
         """Stop at the next step boundary, saving a checkpoint (what Ctrl-C does)."""

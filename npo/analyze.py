@@ -1,0 +1,398 @@
+"""Offline Q / V / S analysis of a run's checkpoints (docs/npo-method.md section 1; calibration.md, Pilot 2).
+
+For an anchor step t and a distance Delta >= 0 with checkpoints pi^(t) and pi^(t+Delta), on a fixed set P of
+training prompts (the first num_prompts of a seeded shuffle of the train split), `samples` responses each:
+
+    F(t)      = {x in P : every sample of pi^(t) on x is wrong}                      (pi^(t) fails x)
+    Q(Delta)  = |{x in F(t) : pi^(t+Delta) solves x (>= 1 sample verified correct)}| / |F(t)|
+    KL(Delta) = mean over every token of pi^(t+Delta)'s samples on P of a per-token estimate of
+                KL(pi^(t+Delta) || pi^(t)), from teacher-forced log-probs under both checkpoints:
+                    d = log pi^(t)(tok) - log pi^(t+Delta)(tok);   k1 = -d;   k3 = exp(d) - d - 1
+    L         = mean length (tokens, EOS included) of pi^(t+Delta)'s samples
+    V(Delta)  = exp(L * KL_k3(Delta))        (the growth of the trajectory importance weight)
+    S(Delta)  = Q(Delta) / V(Delta)
+
+Delta = 0 is always measured: pi^(t) resampled with a different seed. Q(0) is the noise floor of Q (a prompt failed
+in one draw of `samples` is solved in another by luck); a near future is only useful where Q(Delta) is clearly above
+Q(0). Seeds: every checkpoint samples the anchor draw with one seed and the future draw with another (common random
+numbers across checkpoints and Deltas); both derive from `seed` only.
+
+Each checkpoint is loaded once (steps in descending order, so the future samples exist before the anchor that
+scores them). Log-probs are computed in float32 at the run's rollout temperature.
+
+    rows = analyze_run("runs/grpo_seed0", deltas=[10, 20, 40], anchors=[0, 40], num_prompts=256, samples=8, seed=0)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen before pyplot is imported
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from npo.autonpo import mean_token_kl, v_hat  # noqa: E402
+from npo.checkpoint import CheckpointManager  # noqa: E402
+from npo.models import ModelConfig, load_policy  # noqa: E402
+from npo.rollout import SamplingParams, TransformersEngine  # noqa: E402
+from npo.run_config import load_run_config  # noqa: E402
+from npo.tasks import load_task  # noqa: E402
+from npo.types import Problem  # noqa: E402
+
+
+class PolicyLike(Protocol):
+    """What the analysis needs of a loaded checkpoint (npo.models.Policy satisfies it)."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    eos_id: int
+    pad_id: int
+
+    def encode_prompt(self, problem: Problem) -> list[int]: ...
+
+
+class TaskLike(Protocol):
+    """What the analysis needs of a task (npo.tasks.Task satisfies it)."""
+
+    train: list[Problem]
+
+    def reward(self, problem: Problem, response: str) -> float: ...
+
+
+@dataclass
+class Draw:
+    """`samples` responses per prompt from one checkpoint, verified, with their teacher-forced log-probs."""
+
+    prompt_ids: list[list[int]]
+    """Per response (prompt-major, len = prompts * samples): the prompt's token ids."""
+    responses: list[list[int]]
+    """Per response: generated token ids (EOS included when finished)."""
+    logprobs: list[list[float]]
+    """Per response, per token: teacher-forced log-prob under the checkpoint that sampled it."""
+    solved: list[bool]
+    """Per prompt: at least one response verified correct."""
+    pass_rate: float
+    """Fraction of all responses verified correct."""
+
+    @property
+    def mean_length(self) -> float:
+        """L: mean response length in tokens."""
+        return float(np.mean([len(r) for r in self.responses])) if self.responses else 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pure pieces.
+
+
+def derive_seed(seed: int, purpose: str) -> int:
+    """A 63-bit seed that depends only on (seed, purpose)."""
+    digest = hashlib.sha256(f"{seed}/analysis/{purpose}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def pick_prompts(train: Sequence[Problem], num_prompts: int, seed: int) -> list[Problem]:
+    """The first num_prompts problems of a permutation of `train` seeded by `seed`."""
+    if num_prompts < 1:
+        raise ValueError(f"num_prompts: must be >= 1, got {num_prompts}")
+    if num_prompts > len(train):
+        raise ValueError(f"num_prompts: {num_prompts} exceeds the train split's {len(train)} problems")
+    order = np.random.default_rng(seed).permutation(len(train))[:num_prompts]
+    return [train[i] for i in order]
+
+
+def plan_pairs(available: Sequence[int], deltas: Sequence[int], anchors: Sequence[int] | None) -> dict[int, list[int]]:
+    """anchor t -> the Deltas (0 always included) whose checkpoint t + Delta exists.
+
+    anchors None: every checkpoint with a partner at some Delta > 0 (or every checkpoint when no Delta > 0 has one).
+    Raises ValueError for a negative Delta or an anchor that is not a checkpoint.
+    """
+    for d in deltas:
+        if isinstance(d, bool) or not isinstance(d, int) or d < 0:
+            raise ValueError(f"deltas: must be integers >= 0, got {d!r}")
+    have = set(available)
+    all_deltas = sorted({0, *deltas})
+    if anchors is None:
+        anchors = [t for t in sorted(have) if any(t + d in have for d in all_deltas if d > 0)] or sorted(have)
+    missing = [t for t in anchors if t not in have]
+    if missing:
+        raise ValueError(f"anchors: no checkpoint at steps {missing} (checkpoints: {sorted(have)})")
+    return {t: [d for d in all_deltas if t + d in have] for t in sorted(set(anchors))}
+
+
+def q_value(anchor_solved: Sequence[bool], future_solved: Sequence[bool]) -> tuple[float | None, int, int]:
+    """Q = fraction of the prompts the anchor fails that the future solves; returns (Q, |F|, solved of F).
+    Q is None when the anchor fails no prompt."""
+    if len(anchor_solved) != len(future_solved):
+        raise ValueError(f"future_solved: {len(future_solved)} prompts, anchor_solved has {len(anchor_solved)}")
+    failed = [i for i, ok in enumerate(anchor_solved) if not ok]
+    solved = sum(bool(future_solved[i]) for i in failed)
+    return (solved / len(failed) if failed else None), len(failed), solved
+
+
+def signal_value(q: float | None, kl: float, mean_length: float) -> tuple[float, float | None]:
+    """V = exp(L * KL) (+inf past float range) and S = Q / V (None when Q is None)."""
+    v = v_hat(kl, mean_length)
+    return v, (None if q is None else q / v)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling and scoring.
+
+
+def draw(
+    policy: PolicyLike,
+    engine: TransformersEngine,
+    reward: Callable[[Problem, str], float],
+    problems: Sequence[Problem],
+    samples: int,
+    params: SamplingParams,
+    seed: int,
+    correct_threshold: float,
+) -> Draw:
+    """Sample `samples` responses per problem, verify them (reward 0 when unfinished), score them teacher-forced."""
+    prompts = [policy.encode_prompt(p) for p in problems]
+    generations = engine.generate(prompts, samples, params, seed=seed)
+    rows_prompt, rows_response, solved, correct = [], [], [], 0
+    for problem, prompt, group in zip(problems, prompts, generations, strict=True):
+        any_correct = False
+        for g in group:
+            text = policy.tokenizer.decode(g.token_ids, skip_special_tokens=True)
+            ok = g.finished and float(reward(problem, text)) >= correct_threshold
+            any_correct |= ok
+            correct += ok
+            rows_prompt.append(prompt)
+            rows_response.append(list(g.token_ids))
+        solved.append(any_correct)
+    logprobs = engine.score(rows_prompt, rows_response, temperature=params.temperature)
+    return Draw(rows_prompt, rows_response, logprobs, solved, correct / max(len(rows_response), 1))
+
+
+def load_checkpoint_policy(folder: Path, device: str = "cpu") -> PolicyLike:
+    """A checkpoint folder as an npo.models.Policy in float32 (prompt encoding as in training: tiny preset ->
+    [bos] + characters of compact_prompt; chat tokenizer -> chat template)."""
+    policy = load_policy(ModelConfig(preset=str(folder), dtype="float32"), seed=0)
+    policy.model.to(device)
+    return policy
+
+
+def _run_settings(folder: Path, task: TaskLike | None, params: SamplingParams | None, threshold: float | None):
+    """Task, sampling params and correct threshold: the given ones, else rebuilt from the run's config.yaml."""
+    if task is not None and params is not None and threshold is not None:
+        return task, params, threshold
+    config_path = folder / "config.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"folder: {folder} has no config.yaml (pass task, params and correct_threshold)")
+    cfg = load_run_config(config_path)
+    if task is None:
+        task = load_task(cfg.task)
+    return task, params or cfg.rollout, cfg.algo.correct_threshold if threshold is None else threshold
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The analysis.
+
+
+def analyze_run(
+    folder: str | Path,
+    *,
+    deltas: Sequence[int],
+    anchors: Sequence[int] | None = None,
+    num_prompts: int = 128,
+    samples: int = 8,
+    seed: int = 0,
+    out: str | Path | None = None,
+    task: TaskLike | None = None,
+    params: SamplingParams | None = None,
+    correct_threshold: float | None = None,
+    load_checkpoint: Callable[[Path], PolicyLike] | None = None,
+) -> list[dict[str, Any]]:
+    """Measure Q, KL, V, S (module docstring) for every (anchor t, Delta) whose checkpoints exist.
+
+    Args:
+        folder: the run folder (checkpoints/ and config.yaml).
+        deltas: distances Delta > 0 to measure; Delta = 0 is always added.
+        anchors: steps t (checkpoints); None = every checkpoint with a partner at some Delta > 0.
+        num_prompts: prompts from the train split (first num_prompts of a permutation seeded by `seed`).
+        samples: responses per prompt and checkpoint (a prompt is solved when >= 1 is correct).
+        seed: analysis seed (prompt choice and sampling).
+        out: folder for analysis.json / analysis.md / analysis.png (default: the run folder).
+        task, params, correct_threshold: default to the run's config.yaml (task, rollout, algo.correct_threshold).
+        load_checkpoint: checkpoint folder -> policy (default load_checkpoint_policy).
+    Returns:
+        one dict per (anchor, Delta), anchors ascending then Delta ascending, with keys anchor, delta, future_step,
+        prompts, samples, failed, solved, q, q0, kl_k3, kl_k1, mean_len, v, s, pass_rate_anchor, pass_rate_future.
+    """
+    folder = Path(folder)
+    if samples < 1:
+        raise ValueError(f"samples: must be >= 1, got {samples}")
+    task, params, threshold = _run_settings(folder, task, params, correct_threshold)
+    if not params.temperature > 0:
+        raise ValueError(f"params.temperature: must be > 0 to score samples, got {params.temperature}")
+    ckpt = CheckpointManager(folder / "checkpoints")
+    pairs = plan_pairs(ckpt.steps(), deltas, anchors)
+    if not pairs:
+        raise ValueError(f"folder: {folder} has no checkpoints to analyse")
+    problems = pick_prompts(task.train, num_prompts, seed)
+    futures = {t + d for t, ds in pairs.items() for d in ds}
+    load = load_checkpoint or load_checkpoint_policy
+    future_draws: dict[int, Draw] = {}
+    anchor_draws: dict[int, Draw] = {}
+    kls: dict[tuple[int, int], tuple[float, float]] = {}
+    for step in sorted(futures | set(pairs), reverse=True):
+        ckpt.verify(step)
+        policy = load(ckpt.path(step))
+        engine = TransformersEngine(policy.model, eos_id=policy.eos_id, pad_id=policy.pad_id)
+        if step in futures:
+            future_draws[step] = draw(
+                policy, engine, task.reward, problems, samples, params, derive_seed(seed, "future"), threshold
+            )
+        if step in pairs:
+            anchor_draws[step] = draw(
+                policy, engine, task.reward, problems, samples, params, derive_seed(seed, "anchor"), threshold
+            )
+            for d in pairs[step]:
+                future = future_draws[step + d]
+                under_anchor = engine.score(future.prompt_ids, future.responses, temperature=params.temperature)
+                kls[(step, d)] = tuple(mean_token_kl(future.logprobs, under_anchor, e) for e in ("k3", "k1"))
+        del policy, engine
+    rows = []
+    for t, ds in pairs.items():
+        anchor = anchor_draws[t]
+        q0 = q_value(anchor.solved, future_draws[t].solved)[0]
+        for d in ds:
+            future = future_draws[t + d]
+            q, failed, solved = q_value(anchor.solved, future.solved)
+            k3, k1 = kls[(t, d)]
+            v, s = signal_value(q, k3, future.mean_length)
+            rows.append(
+                {
+                    "anchor": t,
+                    "delta": d,
+                    "future_step": t + d,
+                    "prompts": len(problems),
+                    "samples": samples,
+                    "failed": failed,
+                    "solved": solved,
+                    "q": q,
+                    "q0": q0,
+                    "kl_k3": k3,
+                    "kl_k1": k1,
+                    "mean_len": future.mean_length,
+                    "v": v,
+                    "s": s,
+                    "pass_rate_anchor": anchor.pass_rate,
+                    "pass_rate_future": future.pass_rate,
+                }
+            )
+    settings = {
+        "run": str(folder),
+        "deltas": sorted({0, *deltas}),
+        "anchors": sorted(pairs),
+        "num_prompts": num_prompts,
+        "samples": samples,
+        "seed": seed,
+        "params": {"temperature": params.temperature, "top_p": params.top_p, "max_new_tokens": params.max_new_tokens},
+        "correct_threshold": threshold,
+    }
+    write_analysis(rows, settings, Path(out) if out is not None else folder)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Output.
+
+
+def _jsonable(value: Any) -> Any:
+    """Non-finite floats as None (JSON has no inf / nan)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _cell(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return "inf" if math.isinf(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+ANALYSIS_COLUMNS = [
+    ("t", "anchor", 0),
+    ("Delta", "delta", 0),
+    ("t+Delta", "future_step", 0),
+    ("failed", "failed", 0),
+    ("Q(Delta)", "q", 3),
+    ("Q(0)", "q0", 3),
+    ("KL k3", "kl_k3", 4),
+    ("KL k1", "kl_k1", 4),
+    ("L", "mean_len", 2),
+    ("V", "v", 3),
+    ("S", "s", 4),
+    ("pass(t)", "pass_rate_anchor", 3),
+    ("pass(t+Delta)", "pass_rate_future", 3),
+]
+"""(header, row key, decimals) of the analysis.md table."""
+
+
+def analysis_markdown(rows: Sequence[dict[str, Any]], settings: dict[str, Any]) -> str:
+    """The analysis.md text: settings, then one table line per (anchor, Delta) with Q(0) beside Q(Delta)."""
+    header = "| " + " | ".join(h for h, _, _ in ANALYSIS_COLUMNS) + " |"
+    rule = "|" + "|".join("---" for _ in ANALYSIS_COLUMNS) + "|"
+    lines = ["| " + " | ".join(_cell(r[k], n) for _, k, n in ANALYSIS_COLUMNS) + " |" for r in rows]
+    return (
+        f"# Q / V / S analysis: {settings['run']}\n\n"
+        f"{settings['num_prompts']} train prompts x {settings['samples']} samples per checkpoint, seed "
+        f"{settings['seed']}, temperature {settings['params']['temperature']}.\n"
+        "Q(Delta): of the prompts pi(t) fails (all samples wrong), the fraction pi(t+Delta) solves; Q(0) (pi(t) "
+        "resampled) is the noise floor. KL: per token, KL(pi(t+Delta) || pi(t)) on pi(t+Delta)'s samples. "
+        "V = exp(L * KL_k3), S = Q / V.\n\n" + "\n".join([header, rule, *lines]) + "\n"
+    )
+
+
+def plot_analysis(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Q, V (log scale once it exceeds 10) and S vs Delta, one line per anchor t; Q(0) of each anchor dotted."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    for i, t in enumerate(sorted({r["anchor"] for r in rows})):
+        color = f"C{i % 10}"
+        mine = [r for r in rows if r["anchor"] == t]
+        deltas = [r["delta"] for r in mine]
+        for ax, key in zip(axes, ("q", "v", "s"), strict=True):
+            values = [np.nan if r[key] is None or not math.isfinite(r[key]) else r[key] for r in mine]
+            ax.plot(deltas, values, "o-", color=color, ms=4, label=f"t = {t}")
+        if mine[0]["q0"] is not None:
+            axes[0].axhline(mine[0]["q0"], color=color, linestyle=":", linewidth=1)
+    for ax, title in zip(
+        axes, ("Q(Delta)  (dotted: Q(0) floor)", "V(Delta) = exp(L KL)", "S(Delta) = Q / V"), strict=True
+    ):
+        ax.set_xlabel("Delta (steps)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    finite_v = [r["v"] for r in rows if math.isfinite(r["v"])]
+    if finite_v and max(finite_v) > 10.0:
+        axes[1].set_yscale("log")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, format="png")
+    plt.close(fig)
+    return path
+
+
+def write_analysis(rows: Sequence[dict[str, Any]], settings: dict[str, Any], out: Path) -> Path:
+    """Write analysis.json ({settings, rows}; non-finite numbers as null), analysis.md and analysis.png into out;
+    returns out."""
+    out.mkdir(parents=True, exist_ok=True)
+    data = {**settings, "rows": [{k: _jsonable(v) for k, v in r.items()} for r in rows]}
+    (out / "analysis.json").write_text(json.dumps(data, indent=1))
+    (out / "analysis.md").write_text(analysis_markdown(rows, settings))
+    plot_analysis(rows, out / "analysis.png")
+    return out

@@ -1,0 +1,223 @@
+"""End-to-end runs of the step loop on the tiny preset: real model, real task and verifier, real checkpoints.
+
+The guidance store here is the in-memory one (the Redis store is exercised through the CLI in test_cli.py).
+"""
+
+import json
+
+import pytest
+import torch
+
+from npo.models import load_policy
+from npo.run_config import load_run_config
+from npo.runner import Interrupted, PromptSampler, Runner
+from npo.store import MemoryGuideStore
+from npo.tasks import COMPACT_ALPHABET, load_task
+
+TIMING_KEYS = {"wall_time", "gen_seconds", "train_seconds"}
+
+
+@pytest.fixture(scope="module")
+def model_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("models"))
+
+
+def make(tmp_path, model_cache, *overrides, name="run", store=None, after_step=None):
+    cfg = load_run_config(
+        None,
+        [
+            "seed=3",
+            f"model.cache_dir={model_cache}",
+            "model.warmup_steps=120",
+            "task.name=chain_sum",
+            "task.options={min_terms: 2, max_terms: 2, min_digits: 1, max_digits: 1}",
+            "task.train_size=60",
+            "task.test_size=20",
+            "train.prompts_per_step=6",
+            "train.lr=3e-4",
+            "algo.group_size=4",
+            "rollout.max_new_tokens=4",
+            "eval.every=2",
+            "eval.num_prompts=12",
+            "checkpoint.every=1",
+            "autonpo.candidate_deltas=[1, 2]",
+            *overrides,
+        ],
+    )
+    task = load_task(cfg.task)
+    pairs = [(p.compact_prompt, p.solution) for p in task.train]
+    policy = load_policy(cfg.model, seed=cfg.seed, warmup_pairs=pairs, alphabet=COMPACT_ALPHABET)
+    return Runner(
+        cfg,
+        tmp_path / name,
+        policy=policy,
+        task=task,
+        store=store or MemoryGuideStore(),
+        progress=False,
+        after_step=after_step,
+    )
+
+
+def rows(runner):
+    return [json.loads(line) for line in (runner.out / "metrics.jsonl").read_text().splitlines()]
+
+
+def events(runner):
+    return [json.loads(line) for line in (runner.out / "interventions.jsonl").read_text().splitlines()]
+
+
+def untimed(rs):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rs]
+
+
+def weights(runner):
+    return {k: v.clone() for k, v in runner.policy.model.state_dict().items()}
+
+
+def test_grpo_run_writes_metrics_and_checkpoints(tmp_path, model_cache):
+    runner = make(tmp_path, model_cache, "method=grpo", "train.steps=4")
+    runner.train()
+    rs = rows(runner)
+    assert [r["step"] for r in rs] == [0, 1, 2, 3, 4]
+    assert rs[-1]["segment"] == "final" and "eval_acc" in rs[-1]
+    for key in ("wall_time", "reward_mean", "pass_rate", "entropy", "guide_slots", "loss", "clip_frac", "segment"):
+        assert key in rs[0]
+    assert all(r["guide_slots"] == 0 for r in rs[:-1])
+    assert "eval_acc" in rs[0] and "eval_acc" in rs[2] and "eval_acc" not in rs[1]
+    assert runner.ckpt.steps() == [0, 1, 2, 3, 4]
+    assert rs[-1]["optimizer_steps"] == 4
+    assert events(runner) == []
+
+
+def test_npo_early_bootstrap_scouts_rolls_back_and_replays(tmp_path, model_cache):
+    runner = make(
+        tmp_path,
+        model_cache,
+        "method=npo",
+        "train.steps=5",
+        "npo.early.at_step=1",
+        "npo.early.delta=2",
+        "npo.guide_samples=16",
+        "algo.tau_gate=1.0",  # gate every group that has a guide
+    )
+    assert runner.cfg.npo.early.enabled  # a partial section keeps the default's enabled=true
+    runner.train()
+    rs = rows(runner)
+    assert [(r["step"], r["segment"]) for r in rs] == [
+        (0, "grpo"),
+        (1, "scout"),
+        (2, "scout"),
+        (1, "npo_replay"),
+        (2, "npo_replay"),
+        (3, "grpo"),
+        (4, "grpo"),
+        (5, "final"),
+    ]
+    assert rs[-1]["optimizer_steps"] == 7  # 5 main-line steps + 2 scout steps
+    ev = events(runner)
+    assert [e["event"] for e in ev] == ["scout_start", "guides", "rollback"]
+    assert ev[1]["guide_step"] == 3 and ev[2]["to_step"] == 1
+    assert ev[1]["guides"] > 0, "the warmed tiny model should solve some replay prompts with 16 samples"
+    # Guides are read only for gated prompts, and only in the replay segment.
+    assert sum(r["guide_slots"] for r in rs if r["segment"] == "npo_replay") > 0
+    # Common random numbers: the replay's first step sees the same prompts and samples as the scout's first step,
+    # so the on-policy rewards are identical; only the guide slot differs.
+    assert rs[1]["reward_mean"] == rs[3]["reward_mean"]
+
+
+def test_autonpo_probes_and_intervenes(tmp_path, model_cache):
+    runner = make(
+        tmp_path,
+        model_cache,
+        "method=autonpo",
+        "train.steps=6",
+        "autonpo.min_step=2",
+        "autonpo.window=1",
+        "autonpo.reward_gain_min=10",  # any reward change counts as stagnation
+        "autonpo.require_entropy_drop=false",
+        "autonpo.q_min=0.0",
+        "autonpo.probe_samples=16",
+        "autonpo.mistake_pass_rate=0.5",
+    )
+    runner.train()
+    ev = events(runner)
+    probes = [e for e in ev if e["event"] == "probe"]
+    assert probes, "the permissive trigger must fire"
+    decided = [e for e in probes if e["decision"]]
+    assert decided
+    decision = decided[0]["decision"]
+    assert decision["rollback_step"] == decision["trigger_step"] - decision["delta"]
+    cands = decided[0]["candidates"]
+    for c in cands:
+        assert c["s_hat"] == pytest.approx(c["q_hat"] / c["v_hat"])
+    rollbacks = [e for e in ev if e["event"] == "rollback"]
+    assert rollbacks and rollbacks[0]["to_step"] == decision["rollback_step"]
+    replay = [r for r in rows(runner) if r["segment"] == "autonpo_replay"]
+    assert len(replay) >= decision["delta"]
+    if decision["prompt_ids"]:
+        assert sum(r["guide_slots"] for r in replay) > 0
+
+
+def test_rollback_restores_everything_exactly(tmp_path, model_cache):
+    runner = make(tmp_path, model_cache, "method=grpo", "train.steps=5", "eval.every=0")
+    runner.train()
+    w5 = weights(runner)
+    opt5 = runner.learner.optimizer.state_dict()
+    runner.rollback(2)
+    assert runner.step == 2
+    assert not all(torch.equal(w5[k], v) for k, v in runner.policy.model.state_dict().items())
+    runner.run_until(5)
+    for k, v in runner.policy.model.state_dict().items():
+        assert torch.equal(w5[k], v), k
+    opt = runner.learner.optimizer.state_dict()
+    for pid, st in opt5["state"].items():
+        assert torch.equal(st["exp_avg"], opt["state"][pid]["exp_avg"])
+        assert torch.equal(st["exp_avg_sq"], opt["state"][pid]["exp_avg_sq"])
+    rs = rows(runner)
+    first = {r["step"]: r for r in rs[:5]}
+    for r in rs[6:]:
+        assert r["reward_mean"] == first[r["step"]]["reward_mean"] and r["loss"] == first[r["step"]]["loss"]
+
+
+def test_evaluation_never_changes_training(tmp_path, model_cache):
+    with_eval = make(tmp_path, model_cache, "method=grpo", "train.steps=4", "eval.every=1", name="a")
+    with_eval.train()
+    without = make(tmp_path, model_cache, "method=grpo", "train.steps=4", "eval.every=0", name="b")
+    without.train()
+    w = weights(without)
+    for k, v in with_eval.policy.model.state_dict().items():
+        assert torch.equal(w[k], v), k
+    strip = lambda rs: [{k: v for k, v in r.items() if not k.startswith("eval")} for r in untimed(rs)]  # noqa: E731
+    assert strip(rows(with_eval)) == strip(rows(without))
+
+
+def test_interrupt_and_resume_equals_uninterrupted(tmp_path, model_cache):
+    common = ("method=npo", "train.steps=6", "npo.early.at_step=1", "npo.early.delta=2", "npo.early.replay_steps=4")
+    full = make(tmp_path, model_cache, *common, name="full")
+    full.train()
+
+    def stop_in_replay(runner, row):
+        if row["segment"] == "npo_replay" and row["step"] == 2:
+            runner.request_stop()
+
+    cut = make(tmp_path, model_cache, *common, name="cut", after_step=stop_in_replay)
+    with pytest.raises(Interrupted) as info:
+        cut.train()
+    assert info.value.step == 3 and cut.ckpt.latest() == 3
+    # A new process: fresh model, fresh (empty) guidance store; the checkpoint carries the segment's guides.
+    resumed = make(tmp_path, model_cache, *common, name="cut")
+    resumed.train(resume=True)
+    assert untimed(rows(resumed)) == untimed(rows(full))
+    w = weights(full)
+    for k, v in resumed.policy.model.state_dict().items():
+        assert torch.equal(w[k], v), k
+
+
+def test_prompt_sampler_is_a_function_of_step():
+    task_like = [type("P", (), {"prompt_id": str(i)})() for i in range(10)]
+    a, b = PromptSampler(task_like, 3, seed=1), PromptSampler(task_like, 3, seed=1)
+    assert [p.prompt_id for p in a.batch(7)] == [p.prompt_id for p in b.batch(7)]
+    epoch = [p.prompt_id for s in range(3) for p in a.batch(s)]
+    assert len(set(epoch)) == 9  # no repeats within an epoch
+    with pytest.raises(ValueError, match="batch_size"):
+        PromptSampler(task_like, 11, seed=0)
