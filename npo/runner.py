@@ -524,6 +524,9 @@ class Runner:
             guides = [sample_to_json(g) for g in self.store.get_guides(self.run, self.segment.guide_step, ids).values()]
 
         def write_model(folder: Path) -> None:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # one bar per checkpoint would drown the run's own progress bar
             self.policy.model.save_pretrained(folder, safe_serialization=True)
             self.policy.tokenizer.save_pretrained(folder)
 

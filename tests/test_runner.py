@@ -221,3 +221,19 @@ def test_prompt_sampler_is_a_function_of_step():
     assert len(set(epoch)) == 9  # no repeats within an epoch
     with pytest.raises(ValueError, match="batch_size"):
         PromptSampler(task_like, 11, seed=0)
+
+
+def test_retention_keeps_what_a_pending_intervention_needs(tmp_path, model_cache):
+    runner = make(
+        tmp_path,
+        model_cache,
+        "method=npo",
+        "train.steps=5",
+        "npo.early.at_step=1",
+        "npo.early.delta=3",
+        "checkpoint.keep_last=1",
+        "eval.every=0",
+    )
+    runner.train()  # the rollback to step 1 happens at step 4: checkpoint 1 must have survived pruning
+    assert [e["event"] for e in events(runner)] == ["scout_start", "guides", "rollback"]
+    assert runner.ckpt.steps() == [5]  # once the plan is done, only the newest is kept
