@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install test test-fast lint run constraints clean
+.PHONY: install test test-fast lint run constraints protos clean
 
 $(STAMP): pyproject.toml constraints/cpu.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 install: $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check npo services tests bench
+	$(BIN)/ruff check npo services tests bench scripts
 
 test: lint
 	$(BIN)/python -m pytest -q -m "not gpu"
@@ -30,6 +30,10 @@ test-fast: lint
 
 run: $(STAMP)
 	$(BIN)/npo demo --config configs/demo.yaml --out runs/demo
+
+# Regenerate the gRPC stubs under services/proto from proto/ (a test fails when they are stale).
+protos: $(STAMP)
+	$(BIN)/python scripts/gen_protos.py
 
 # Regenerate the CPU lock from the current environment (after changing dependencies).
 constraints: $(STAMP)

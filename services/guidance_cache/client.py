@@ -1,0 +1,208 @@
+"""GuidanceCacheClient: npo.store.GuideStore over gRPC, so the runner uses a remote guidance cache unchanged.
+
+    with GuidanceCacheClient("cache:50051") as store:
+        store.put_guides("run-1", 40, guides)
+        store.get_guides("run-1", 40, ["p3", "p7"])
+
+Arguments are validated by the server (the same checks as every GuideStore); its INVALID_ARGUMENT comes back as
+ValueError with the server's message. Only what cannot travel (a float step, a string instead of a list of ids, an
+object that is not a Sample) is rejected here, with a ValueError naming the argument. Every call has a deadline
+(`timeout_s`, TimeoutError when it passes); the idempotent ones (put and get of guides, mistakes record and read,
+stats, clear) are retried on UNAVAILABLE with exponential backoff; a server that stays unreachable raises
+ConnectionError.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+from google.protobuf.message import Message
+
+from npo.types import Sample
+from services.grpc_common import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_RETRY,
+    RetryPolicy,
+    error_from_rpc,
+    open_channel,
+    sample_from_message,
+    sample_to_message,
+)
+from services.proto.npo.v1 import guidance_cache_pb2 as pb
+from services.proto.npo.v1 import guidance_cache_pb2_grpc as pb_grpc
+
+DEFAULT_TIMEOUT_S = 10.0
+"""Deadline of one guidance-cache call (retries included)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What cannot travel is rejected before sending (the server checks values: emptiness, signs, ranges).
+
+
+def wire_run(run: str) -> str:
+    """`run` if it is a str (the server rejects an empty one), else ValueError naming `run`."""
+    if not isinstance(run, str):
+        raise ValueError(f"run: expected a non-empty run name, got {run!r}")
+    return run
+
+
+def wire_step(name: str, step: int) -> int:
+    """`step` if it is an int that fits int64 (the server rejects a negative one), else ValueError naming `name`."""
+    if isinstance(step, bool) or not isinstance(step, int) or not -(2**63) <= step < 2**63:
+        raise ValueError(f"{name}: expected a non-negative integer step, got {step!r}")
+    return step
+
+
+def wire_prompt_ids(name: str, prompt_ids: Sequence[str]) -> list[str]:
+    """`prompt_ids` as a list of str (the server rejects empty ones), else ValueError naming `name` or `name[i]`."""
+    if isinstance(prompt_ids, (str, bytes)) or not isinstance(prompt_ids, Sequence):
+        raise ValueError(f"{name}: expected a sequence of prompt ids, got {type(prompt_ids).__name__}")
+    for i, prompt_id in enumerate(prompt_ids):
+        if not isinstance(prompt_id, str):
+            raise ValueError(f"{name}[{i}]: expected a non-empty prompt id, got {prompt_id!r}")
+    return list(prompt_ids)
+
+
+def wire_guides(guides: Sequence[Sample]) -> list[Any]:
+    """The guides as npo.v1.Sample messages; ValueError naming `guides` or `guides[i]` for one that cannot travel
+    (not a Sample, a token id that is not an int32, a log-prob that is not a float)."""
+    if not isinstance(guides, Sequence):
+        raise ValueError(f"guides: expected a sequence of Samples, got {type(guides).__name__}")
+    messages = []
+    for i, guide in enumerate(guides):
+        if not isinstance(guide, Sample):
+            raise ValueError(f"guides[{i}]: expected a Sample, got {type(guide).__name__}")
+        try:
+            messages.append(sample_to_message(guide))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"guides[{i}]: cannot be sent ({exc})") from None
+    return messages
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Replies back to the store's types.
+
+
+def guides_from_reply(reply: pb.GetGuidesResponse) -> dict[str, Sample]:
+    """{prompt_id: Sample} of a GetGuidesResponse, in its order."""
+    return {m.prompt_id: sample_from_message(m, f"guides[{i}]") for i, m in enumerate(reply.guides)}
+
+
+def mistakes_from_reply(reply: pb.GetMistakesResponse) -> dict[str, int]:
+    """{prompt_id: step} of a GetMistakesResponse."""
+    return {mistake.prompt_id: mistake.step for mistake in reply.mistakes}
+
+
+def stats_from_reply(reply: pb.StatsResponse) -> dict[str, Any]:
+    """The GuideStore.stats dict of a StatsResponse."""
+    counts = {entry.guide_step: entry.guides for entry in sorted(reply.guide_steps, key=lambda e: e.guide_step)}
+    return {"guide_steps": counts, "guides": reply.guides, "mistakes": reply.mistakes}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class GuidanceCacheClient:
+    """A GuideStore whose guides and mistake pool live in a GuidanceCacheService at `address` ("host:port")."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        retry: RetryPolicy = DEFAULT_RETRY,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        service = pb.DESCRIPTOR.services_by_name["GuidanceCacheService"]
+        self.address = address
+        self.timeout_s = timeout_s
+        self._channel = open_channel(
+            address,
+            [service],
+            timeout_s=timeout_s,
+            retry=retry,
+            max_message_bytes=max_message_bytes,
+            credentials=credentials,
+        )
+        self._stub = pb_grpc.GuidanceCacheServiceStub(self._channel)
+
+    def _call(self, method: str, request: Message) -> Any:
+        """Send `request` to `method` with the deadline; a failure becomes a builtin exception (error_from_rpc)."""
+        try:
+            return getattr(self._stub, method)(request, timeout=self.timeout_s)
+        except grpc.RpcError as error:
+            raise error_from_rpc(
+                error, method=f"GuidanceCache.{method}", target=self.address, timeout_s=self.timeout_s
+            ) from None
+
+    # -- guides ----------------------------------------------------------------------------------------------------
+
+    def put_guides(self, run: str, guide_step: int, guides: Sequence[Sample]) -> int:
+        """See npo.store.GuideStore.put_guides."""
+        request = pb.PutGuidesRequest(
+            run=wire_run(run), guide_step=wire_step("guide_step", guide_step), guides=wire_guides(guides)
+        )
+        return self._call("PutGuides", request).written
+
+    def get_guides(self, run: str, guide_step: int, prompt_ids: Sequence[str]) -> dict[str, Sample]:
+        """See npo.store.GuideStore.get_guides (one call, one Redis round trip on the server)."""
+        request = pb.GetGuidesRequest(
+            run=wire_run(run),
+            guide_step=wire_step("guide_step", guide_step),
+            prompt_ids=wire_prompt_ids("prompt_ids", prompt_ids),
+        )
+        return guides_from_reply(self._call("GetGuides", request))
+
+    def guide_steps(self, run: str) -> list[int]:
+        """See npo.store.GuideStore.guide_steps."""
+        return list(self._call("ListGuideSteps", pb.ListGuideStepsRequest(run=wire_run(run))).guide_steps)
+
+    def delete_guides(self, run: str, guide_step: int) -> int:
+        """See npo.store.GuideStore.delete_guides."""
+        request = pb.DeleteGuidesRequest(run=wire_run(run), guide_step=wire_step("guide_step", guide_step))
+        return self._call("DeleteGuides", request).deleted
+
+    # -- mistake pool ----------------------------------------------------------------------------------------------
+
+    def record_mistakes(self, run: str, step: int, prompt_ids: Sequence[str]) -> None:
+        """See npo.store.GuideStore.record_mistakes."""
+        request = pb.RecordMistakesRequest(
+            run=wire_run(run), step=wire_step("step", step), prompt_ids=wire_prompt_ids("prompt_ids", prompt_ids)
+        )
+        self._call("RecordMistakes", request)
+
+    def get_mistakes(self, run: str, lo: int, hi: int) -> dict[str, int]:
+        """See npo.store.GuideStore.get_mistakes."""
+        request = pb.GetMistakesRequest(run=wire_run(run), lo=wire_step("lo", lo), hi=wire_step("hi", hi))
+        return mistakes_from_reply(self._call("GetMistakes", request))
+
+    def truncate_mistakes(self, run: str, from_step: int) -> int:
+        """See npo.store.GuideStore.truncate_mistakes."""
+        request = pb.TruncateMistakesRequest(run=wire_run(run), from_step=wire_step("from_step", from_step))
+        return self._call("TruncateMistakes", request).removed
+
+    # -- whole run -------------------------------------------------------------------------------------------------
+
+    def stats(self, run: str) -> dict[str, Any]:
+        """See npo.store.GuideStore.stats."""
+        return stats_from_reply(self._call("Stats", pb.StatsRequest(run=wire_run(run))))
+
+    def clear_run(self, run: str) -> None:
+        """See npo.store.GuideStore.clear_run."""
+        self._call("ClearRun", pb.ClearRunRequest(run=wire_run(run)))
+
+    def close(self) -> None:
+        """Close the channel; the client is unusable afterwards."""
+        self._channel.close()
+
+    def __enter__(self) -> GuidanceCacheClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"GuidanceCacheClient({self.address!r}, timeout_s={self.timeout_s})"

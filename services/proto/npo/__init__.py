@@ -1,0 +1,1 @@
+"""Generated stubs of the proto package npo (scripts/gen_protos.py)."""

@@ -1,0 +1,1 @@
+"""Generated stubs of the proto package npo.v1 (scripts/gen_protos.py); do not edit."""
