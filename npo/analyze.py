@@ -31,41 +31,22 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen before pyplot is imported
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 from npo.autonpo import mean_token_kl, v_hat  # noqa: E402
 from npo.checkpoint import CheckpointManager  # noqa: E402
 from npo.models import ModelConfig, load_policy  # noqa: E402
 from npo.rollout import SamplingParams, TransformersEngine  # noqa: E402
 from npo.run_config import load_run_config  # noqa: E402
+from npo.runner import PolicyLike, TaskLike  # noqa: E402
 from npo.tasks import load_task  # noqa: E402
 from npo.types import Problem  # noqa: E402
-
-
-class PolicyLike(Protocol):
-    """What the analysis needs of a loaded checkpoint (npo.models.Policy satisfies it)."""
-
-    model: torch.nn.Module
-    tokenizer: Any
-    eos_id: int
-    pad_id: int
-
-    def encode_prompt(self, problem: Problem) -> list[int]: ...
-
-
-class TaskLike(Protocol):
-    """What the analysis needs of a task (npo.tasks.Task satisfies it)."""
-
-    train: list[Problem]
-
-    def reward(self, problem: Problem, response: str) -> float: ...
 
 
 @dataclass

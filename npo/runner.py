@@ -54,6 +54,8 @@ from npo.types import Problem, Sample
 
 
 class PolicyLike(Protocol):
+    """What the runner needs of a policy (npo.models.Policy satisfies it)."""
+
     model: torch.nn.Module
     tokenizer: Any
     eos_id: int
@@ -63,6 +65,8 @@ class PolicyLike(Protocol):
 
 
 class TaskLike(Protocol):
+    """What the runner needs of a task (npo.tasks.Task satisfies it)."""
+
     name: str
     train: list[Problem]
     test: list[Problem]
