@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,6 +24,153 @@ from npo.config import AlgoConfig, LossAggregation
 from npo.gate import MixedGroup
 from npo.loss import policy_loss
 from npo.rollout import build_batch, scatter_responses, token_logprobs
+
+# ----------------------------------------------------------------------------------------------------------------
+# The step's maths, engine-independent: TorchLearner and services/learner's DeepSpeedLearner share it.
+
+
+@dataclass(frozen=True)
+class TrainingRow:
+    """One slot of one group, ready to be batched."""
+
+    prompt_ids: list[int]
+    """Prompt token ids."""
+    response_ids: list[int]
+    """Response token ids (on-policy sample or guide)."""
+    behaviour_logprobs: list[float]
+    """q_i per response token: the denominator of the importance ratio."""
+    advantage: float
+    """A_i, the group-relative advantage of the slot."""
+    is_guide: bool
+    """True for a guide slot."""
+
+
+def training_rows(
+    groups: Sequence[MixedGroup], prompt_ids: Mapping[str, list[int]], algo: AlgoConfig
+) -> list[TrainingRow]:
+    """One row per slot, groups in order: A = group_advantages(rewards (G, n)) with the algo's std scaling."""
+    if not groups:
+        raise ValueError("groups: need at least one group")
+    rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)  # (G, n)
+    adv = group_advantages(rewards, scale_std=algo.scale_std, eps=algo.adv_eps)  # (G, n)
+    return [
+        TrainingRow(prompt_ids[g.prompt_id], s.response_ids, g.behaviour_logprobs[i], float(adv[gi, i]), g.is_guide[i])
+        for gi, g in enumerate(groups)
+        for i, s in enumerate(g.samples)
+    ]
+
+
+def micro_batches(
+    rows: Sequence[TrainingRow], micro_batch_size: int, mode: LossAggregation
+) -> list[tuple[list[TrainingRow], float]]:
+    """Split rows into consecutive micro-batches with weights w_k such that sum_k w_k L_k equals the loss of the
+    whole batch under `mode`:
+
+        token_mean                w_k = tokens in k / tokens in the batch
+        seq_mean_token_mean       w_k = non-empty responses in k / non-empty responses in the batch
+        seq_mean_token_sum_norm   w_k = rows in k / rows in the batch
+    """
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size: must be >= 1, got {micro_batch_size}")
+    lengths = [len(r.response_ids) for r in rows]
+    total_tokens = max(sum(lengths), 1)
+    total_seqs = max(sum(1 for n in lengths if n > 0), 1)
+    out = []
+    for lo in range(0, len(rows), micro_batch_size):
+        chunk = list(rows[lo : lo + micro_batch_size])
+        chunk_lengths = lengths[lo : lo + micro_batch_size]
+        if mode is LossAggregation.TOKEN_MEAN:
+            weight = sum(chunk_lengths) / total_tokens
+        elif mode is LossAggregation.SEQ_MEAN_TOKEN_MEAN:
+            weight = sum(1 for n in chunk_lengths if n > 0) / total_seqs
+        else:
+            weight = len(chunk) / len(rows)
+        out.append((chunk, weight))
+    return out
+
+
+@dataclass
+class MicroBatchLoss:
+    """The loss of one micro-batch and what the step's metrics need from it."""
+
+    loss: torch.Tensor
+    """Scalar with grad: policy_loss of the micro-batch (not yet multiplied by its weight)."""
+    metrics: dict[str, float]
+    """policy_loss's metrics for this micro-batch."""
+    entropy_sum: float
+    """Sum of the per-token entropy over on-policy response tokens."""
+    entropy_tokens: int
+    """Number of on-policy response tokens."""
+
+
+def micro_batch_loss(
+    model: torch.nn.Module,
+    rows: Sequence[TrainingRow],
+    *,
+    pad_id: int,
+    algo: AlgoConfig,
+    temperature: float,
+    max_len: int | None,
+    autocast: bool = False,
+    reference: torch.nn.Module | None = None,
+) -> MicroBatchLoss:
+    """Teacher-forced log-probs of the rows under `model` (with grad) and the clipped surrogate over them.
+
+    The batch (B rows, width T) is built on the model's device; logprobs, entropy, behaviour log-probs (B, T - 1),
+    advantages and is_guide (B,) go to npo.loss.policy_loss with the algo's clip range, aggregation and
+    entropy/KL terms. `autocast` runs the policy forward in bfloat16 autocast; the reference model (KL term) runs
+    without grad and without autocast.
+    """
+    device = next(model.parameters()).device
+    batch = build_batch([r.prompt_ids for r in rows], [r.response_ids for r in rows], pad_id).to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        logprobs, entropy = token_logprobs(model, batch, temperature=temperature, with_entropy=True)  # (B, T - 1)
+    behaviour = scatter_responses([r.behaviour_logprobs for r in rows], batch)  # (B, T - 1)
+    advantages = torch.tensor([r.advantage for r in rows], dtype=torch.float32, device=device)  # (B,)
+    is_guide = torch.tensor([r.is_guide for r in rows], dtype=torch.bool, device=device)  # (B,)
+    ref = None
+    if reference is not None:
+        with torch.no_grad():
+            ref, _ = token_logprobs(reference, batch, temperature=temperature)  # (B, T - 1)
+    loss, metrics = policy_loss(
+        logprobs,
+        behaviour,
+        advantages,
+        batch.response_mask,
+        is_guide=is_guide,
+        eps_low=algo.eps_low,
+        eps_high=algo.eps_high,
+        aggregation=LossAggregation(algo.loss_aggregation),
+        max_len=max_len,
+        entropy=entropy,
+        entropy_coef=algo.entropy_coef,
+        ref_logprobs=ref,
+        kl_coef=algo.kl_coef,
+    )
+    onpolicy = batch.response_mask.bool() & ~is_guide.unsqueeze(-1)  # (B, T - 1)
+    return MicroBatchLoss(loss, metrics, float(entropy.detach()[onpolicy].sum()), int(onpolicy.sum()))
+
+
+def step_metrics(
+    weighted: Mapping[str, float],
+    entropy_sum: float,
+    entropy_tokens: int,
+    grad_norm: float,
+    groups: Sequence[MixedGroup],
+    seconds: float,
+) -> dict[str, float]:
+    """The learner's metrics row: weighted sums of the micro-batch metrics (= full-batch values), on-policy token
+    entropy, pre-clip gradient norm, guide slots used and wall time; the same keys as TorchLearner.train_step."""
+    return {
+        "loss": weighted.get("pg_loss", 0.0),
+        "clip_frac": weighted.get("clip_frac", 0.0),
+        "clip_frac_guide": weighted.get("clip_frac_guide", 0.0),
+        "approx_kl": weighted.get("approx_kl", 0.0),
+        "entropy": entropy_sum / max(entropy_tokens, 1),
+        "grad_norm": float(grad_norm),
+        "guide_slots": int(sum(g.replaced for g in groups)),
+        "train_seconds": seconds,
+    }
 
 
 def load_weights(model: torch.nn.Module, folder: str | Path) -> None:
@@ -84,77 +232,32 @@ class TorchLearner:
     def train_step(self, groups: Sequence[MixedGroup], prompt_ids: Mapping[str, list[int]]) -> dict[str, float]:
         """One optimizer step on G mixed groups; returns metrics (loss, clip fractions, entropy, grad_norm, ...)."""
         start = time.perf_counter()
-        if not groups:
-            raise ValueError("groups: need at least one group")
-        rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)  # (G, n)
-        adv = group_advantages(rewards, scale_std=self.algo.scale_std, eps=self.algo.adv_eps)  # (G, n)
-        rows = [
-            (prompt_ids[g.prompt_id], s.response_ids, g.behaviour_logprobs[i], float(adv[gi, i]), g.is_guide[i])
-            for gi, g in enumerate(groups)
-            for i, s in enumerate(g.samples)
-        ]
-        mode = LossAggregation(self.algo.loss_aggregation)
-        lengths = [len(r[1]) for r in rows]
-        total_tokens = max(sum(lengths), 1)
-        total_seqs = max(sum(1 for n in lengths if n > 0), 1)
-
+        rows = training_rows(groups, prompt_ids, self.algo)
+        chunks = micro_batches(rows, self.micro_batch_size, LossAggregation(self.algo.loss_aggregation))
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        sums: dict[str, float] = {}
+        weighted: dict[str, float] = {}
         entropy_sum, entropy_tokens = 0.0, 0
-        for lo in range(0, len(rows), self.micro_batch_size):
-            chunk = rows[lo : lo + self.micro_batch_size]
-            batch = build_batch([r[0] for r in chunk], [r[1] for r in chunk], self.pad_id)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
-                logprobs, entropy = token_logprobs(self.model, batch, temperature=self.temperature, with_entropy=True)
-            behaviour = scatter_responses([r[2] for r in chunk], batch)  # (b, T - 1)
-            advantages = torch.tensor([r[3] for r in chunk], dtype=torch.float32)  # (b,)
-            is_guide = torch.tensor([r[4] for r in chunk], dtype=torch.bool)  # (b,)
-            ref = None
-            if self.reference is not None:
-                with torch.no_grad():
-                    ref, _ = token_logprobs(self.reference, batch, temperature=self.temperature)
-            chunk_lengths = [len(r[1]) for r in chunk]
-            if mode is LossAggregation.TOKEN_MEAN:
-                weight = sum(chunk_lengths) / total_tokens
-            elif mode is LossAggregation.SEQ_MEAN_TOKEN_MEAN:
-                weight = sum(1 for n in chunk_lengths if n > 0) / total_seqs
-            else:
-                weight = len(chunk) / len(rows)
-            loss, metrics = policy_loss(
-                logprobs,
-                behaviour,
-                advantages,
-                batch.response_mask,
-                is_guide=is_guide,
-                eps_low=self.algo.eps_low,
-                eps_high=self.algo.eps_high,
-                aggregation=mode,
+        for chunk, weight in chunks:
+            part = micro_batch_loss(
+                self.model,
+                chunk,
+                pad_id=self.pad_id,
+                algo=self.algo,
+                temperature=self.temperature,
                 max_len=self.max_len,
-                entropy=entropy,
-                entropy_coef=self.algo.entropy_coef,
-                ref_logprobs=ref,
-                kl_coef=self.algo.kl_coef,
+                autocast=self.autocast,
+                reference=self.reference,
             )
-            (loss * weight).backward()
-            for key, value in metrics.items():
+            (part.loss * weight).backward()
+            for key, value in part.metrics.items():
                 if key != "entropy":
-                    sums[key] = sums.get(key, 0.0) + value * weight
-            onpolicy = batch.response_mask.bool() & ~is_guide.unsqueeze(-1)
-            entropy_sum += float(entropy.detach()[onpolicy].sum())
-            entropy_tokens += int(onpolicy.sum())
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), self.grad_clip if self.grad_clip > 0 else float("inf")
-        )
+                    weighted[key] = weighted.get(key, 0.0) + value * weight
+            entropy_sum += part.entropy_sum
+            entropy_tokens += part.entropy_tokens
+        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {
-            "loss": sums.get("pg_loss", 0.0),
-            "clip_frac": sums.get("clip_frac", 0.0),
-            "clip_frac_guide": sums.get("clip_frac_guide", 0.0),
-            "approx_kl": sums.get("approx_kl", 0.0),
-            "entropy": entropy_sum / max(entropy_tokens, 1),
-            "grad_norm": float(grad_norm),
-            "guide_slots": int(sum(g.replaced for g in groups)),
-            "train_seconds": time.perf_counter() - start,
-        }
+        seconds = time.perf_counter() - start
+        return step_metrics(weighted, entropy_sum, entropy_tokens, float(grad_norm), groups, seconds)
