@@ -58,6 +58,10 @@ class TrainConfig:
     """Training precision: float32 or bfloat16 (autocast; master weights stay float32)."""
     threads: int = 0
     """torch CPU threads (0 = leave torch's default)."""
+    engine: str = "torch"
+    """Learner engine: "torch" (embedded default) or "deepspeed" (services/learner; needs the `deepspeed` extra)."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage (0, 1 or 2) when engine is "deepspeed"."""
 
 
 @dataclass
@@ -163,6 +167,10 @@ class RunConfig:
         _check_range("train.threads", t.threads, 0)
         if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
             raise ConfigError(f"train.betas: expected two numbers in [0, 1), got {t.betas}")
+        if t.engine not in ("torch", "deepspeed"):
+            raise ConfigError(f"train.engine: must be 'torch' or 'deepspeed', got {t.engine!r}")
+        if t.zero_stage not in (0, 1, 2):
+            raise ConfigError(f"train.zero_stage: must be 0, 1 or 2 (stage 3 is not supported), got {t.zero_stage}")
         if t.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"train.dtype: must be 'float32' or 'bfloat16', got {t.dtype!r}")
         _check_range("rollout.temperature", self.rollout.temperature, 1e-3)

@@ -74,6 +74,33 @@ class TaskLike(Protocol):
     def reward(self, problem: Problem, response: str) -> float: ...
 
 
+class LearnerLike(Protocol):
+    """What the runner needs of a learner: npo.learner.TorchLearner, or services/learner's DeepSpeedLearner."""
+
+    def train_step(self, groups: Sequence[Any], prompt_ids: dict[str, list[int]]) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def learner_kwargs(cfg: RunConfig, pad_id: int) -> dict[str, Any]:
+    """The learner's settings from a run config (every learner engine takes these keyword arguments)."""
+    t = cfg.train
+    return {
+        "pad_id": pad_id,
+        "algo": cfg.algo,
+        "lr": t.lr,
+        "betas": t.betas,
+        "weight_decay": t.weight_decay,
+        "grad_clip": t.grad_clip,
+        "micro_batch_size": t.micro_batch_size,
+        "dtype": t.dtype,
+        "temperature": cfg.rollout.temperature,
+        "max_len": cfg.rollout.max_new_tokens,
+    }
+
+
 def derive_seed(seed: int, purpose: str, step: int) -> int:
     """A 63-bit seed that depends only on (run seed, purpose, step)."""
     digest = hashlib.sha256(f"{seed}/{purpose}/{step}".encode()).digest()
@@ -132,6 +159,7 @@ class Runner:
         task: TaskLike,
         store: GuideStore,
         engine: RolloutEngine | None = None,
+        learner: LearnerLike | None = None,
         progress: bool = True,
         log: Callable[[str], None] = print,
         after_step: Callable[[Runner, dict[str, Any]], None] | None = None,
@@ -142,19 +170,7 @@ class Runner:
         self.policy, self.task, self.store = policy, task, store
         self.run = cfg.run_name or self.out.resolve().name
         self.engine = engine or TransformersEngine(policy.model, eos_id=policy.eos_id, pad_id=policy.pad_id)
-        self.learner = TorchLearner(
-            policy.model,
-            pad_id=policy.pad_id,
-            algo=cfg.algo,
-            lr=cfg.train.lr,
-            betas=cfg.train.betas,
-            weight_decay=cfg.train.weight_decay,
-            grad_clip=cfg.train.grad_clip,
-            micro_batch_size=cfg.train.micro_batch_size,
-            dtype=cfg.train.dtype,
-            temperature=cfg.rollout.temperature or 1.0,
-            max_len=cfg.rollout.max_new_tokens,
-        )
+        self.learner = learner or TorchLearner(policy.model, **learner_kwargs(cfg, policy.pad_id))
         self.ckpt = CheckpointManager(self.out / "checkpoints")
         self.sampler = PromptSampler(task.train, cfg.train.prompts_per_step, cfg.seed)
         self.problems = {p.prompt_id: p for p in task.train}

@@ -48,6 +48,31 @@ def build_policy_and_task(cfg):
     return policy, task
 
 
+def build_learner(cfg, policy):
+    """The learner engine named by train.engine; None = the runner's embedded TorchLearner."""
+    if cfg.train.engine != "deepspeed":
+        return None
+    import os
+
+    from npo.runner import learner_kwargs
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda_available() else "cuda")
+    try:
+        from services.learner.deepspeed_engine import DeepSpeedLearner
+    except ImportError as exc:
+        raise ConfigError(
+            f"train.engine: 'deepspeed' needs the deepspeed package ({exc}); install the extra: "
+            "DS_BUILD_OPS=0 pip install -e '.[deepspeed]'"
+        ) from None
+    return DeepSpeedLearner(policy.model, **learner_kwargs(cfg, policy.pad_id), zero_stage=cfg.train.zero_stage)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def train(config: str | None, overrides: list[str], out: str | None, resume: str | None, progress: bool = True) -> Path:
     from npo.run_config import load_run_config
     from npo.runner import Runner
@@ -63,7 +88,8 @@ def train(config: str | None, overrides: list[str], out: str | None, resume: str
     started = time.perf_counter()
     policy, task = build_policy_and_task(cfg)
     with open_store(cfg.cache.url, cfg.cache.prefix) as store:
-        runner = Runner(cfg, run_dir, policy=policy, task=task, store=store, progress=progress)
+        learner = build_learner(cfg, policy)
+        runner = Runner(cfg, run_dir, policy=policy, task=task, store=store, learner=learner, progress=progress)
         try:
             runner.train(resume=bool(resume))
         finally:
