@@ -189,6 +189,13 @@ class RunConfig:
             _check_range(f"npo.{name}.replay_steps", iv.replay_steps, 0)
             if iv.enabled and self.method is Method.NPO and iv.at_step + iv.delta > t.steps:
                 raise ConfigError(f"npo.{name}: at_step + delta ({iv.at_step + iv.delta}) exceeds train.steps")
+        early, late = self.npo.early, self.npo.late
+        if self.method is Method.NPO and early.enabled and late.enabled:
+            early_end = early.at_step + max(early.delta, early.replay_steps or early.delta)
+            if late.at_step < early_end:
+                raise ConfigError(
+                    f"npo.late.at_step: {late.at_step} starts before the early intervention ends (step {early_end})"
+                )
         for d in self.autonpo.candidate_deltas:
             if d % self.checkpoint.every:
                 raise ConfigError(

@@ -43,6 +43,7 @@ def small(cache_dir, *extra):
         ("method=ppo", "method: 'ppo' is not one of ['grpo', 'npo', 'autonpo']"),
         ("train.lr=fast", "train.lr: expected a number, got 'fast'"),
         ("autonpo.candidate_deltas=[15]", "autonpo.candidate_deltas: 15 is not a multiple of checkpoint.every (10)"),
+        ("task.options={min_terms: 2", "override 'task.options': cannot parse value"),
     ],
 )
 def test_config_errors_name_the_key_before_compute(tmp_path, capsys, override, message):

@@ -237,3 +237,30 @@ def test_retention_keeps_what_a_pending_intervention_needs(tmp_path, model_cache
     runner.train()  # the rollback to step 1 happens at step 4: checkpoint 1 must have survived pruning
     assert [e["event"] for e in events(runner)] == ["scout_start", "guides", "rollback"]
     assert runner.ckpt.steps() == [5]  # once the plan is done, only the newest is kept
+
+
+def test_npo_early_and_late_interventions(tmp_path, model_cache):
+    runner = make(
+        tmp_path,
+        model_cache,
+        "method=npo",
+        "train.steps=7",
+        "eval.every=0",
+        "npo.early.delta=2",
+        "npo.late.enabled=true",
+        "npo.late.at_step=4",
+        "npo.late.delta=2",
+    )
+    runner.train()
+    ev = [(e["kind"], e["event"]) for e in events(runner)]
+    assert ev == [
+        ("early_bootstrap", "scout_start"),
+        ("early_bootstrap", "guides"),
+        ("early_bootstrap", "rollback"),
+        ("plateau_breakthrough", "scout_start"),
+        ("plateau_breakthrough", "guides"),
+        ("plateau_breakthrough", "rollback"),
+    ]
+    segments = [(r["step"], r["segment"]) for r in rows(runner)]
+    assert segments[-4:] == [(4, "npo_replay"), (5, "npo_replay"), (6, "grpo"), (7, "final")]
+    assert rows(runner)[-1]["optimizer_steps"] == 11  # 7 main-line steps + two scouts of 2
