@@ -274,6 +274,8 @@ class AutoNPO:
     detector: PlateauDetector = field(init=False)
     cooldown_until: int = 0
     """No probe before this step."""
+    last_candidates: tuple[CandidateEstimate, ...] = ()
+    """The candidates scored by the latest decide(), also when it decided not to intervene."""
 
     def __post_init__(self) -> None:
         self.detector = PlateauDetector(self.cfg)
@@ -322,6 +324,7 @@ class AutoNPO:
             raise ValueError("kl_by_delta: empty candidate set (no checkpoint at any candidate distance)")
         beta = self.cfg.beta if self.cfg.beta is not None else mean_response_length
         cands = [estimate_candidate(d, step, solved, mistakes, kl, beta) for d, kl in sorted(kl_by_delta.items())]
+        self.last_candidates = tuple(cands)
         best = choose_delta(cands, self.cfg.q_min)
         if best is None:
             self.cooldown_until = step + self.cfg.window  # confirmation failed: wait a window before probing again

@@ -459,8 +459,7 @@ class Runner:
                 "probed": len(problems),
                 "solved": int(sum(solved.values())),
                 "reading": reading.__dict__,
-                "candidates": [c.__dict__ for c in (decision.candidates if decision else [])]
-                or [{"delta": d, "kl": kl_by_delta[d]} for d in deltas],
+                "candidates": [c.__dict__ for c in self.autonpo.last_candidates],
                 "decision": decision.to_dict() if decision else None,
             }
         )
