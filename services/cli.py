@@ -73,7 +73,15 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def train(config: str | None, overrides: list[str], out: str | None, resume: str | None, progress: bool = True) -> Path:
+def train(
+    config: str | None,
+    overrides: list[str],
+    out: str | None,
+    resume: str | None,
+    progress: bool = True,
+    metrics_port: int | None = None,
+    metrics_address: str = "127.0.0.1",
+) -> Path:
     from npo.run_config import load_run_config
     from npo.runner import Runner
 
@@ -90,9 +98,18 @@ def train(config: str | None, overrides: list[str], out: str | None, resume: str
     with open_store(cfg.cache.url, cfg.cache.prefix) as store:
         learner = build_learner(cfg, policy)
         runner = Runner(cfg, run_dir, policy=policy, task=task, store=store, learner=learner, progress=progress)
+        if metrics_port is not None:
+            from services.learner.prometheus import LearnerMetrics
+
+            metrics = LearnerMetrics(runner.run)
+            port = metrics.serve(metrics_port, metrics_address)
+            runner.after_step = metrics.after_step
+            print(f"metrics: http://{metrics_address}:{port}/metrics")
         try:
             runner.train(resume=bool(resume))
         finally:
+            if metrics_port is not None:
+                metrics.stop()
             if not cfg.cache.url:
                 store.clear_run(runner.run)
     from npo.report import write_report
@@ -132,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument("--out", help="run folder (default runs/<method>-seed<seed>-<time>)")
     p_train.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint")
     p_train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p_train.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (0 = any free port)")
+    p_train.add_argument("--metrics-address", default="127.0.0.1", help="address of the /metrics endpoint")
 
     p_demo = sub.add_parser("demo", help="GRPO and AutoNPO side by side on the same seed, then compare")
     p_demo.add_argument("--config", default="configs/demo.yaml")
@@ -157,7 +176,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
-            train(args.config, args.overrides, args.out, args.resume, progress=not args.no_progress)
+            train(
+                args.config,
+                args.overrides,
+                args.out,
+                args.resume,
+                progress=not args.no_progress,
+                metrics_port=args.metrics_port,
+                metrics_address=args.metrics_address,
+            )
         elif args.command == "demo":
             demo(args.config, args.overrides, args.out)
         elif args.command == "compare":

@@ -70,11 +70,21 @@ def test_config_command_documents_every_option(capsys):
 def test_train_embedded_redis_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
     code = main(
-        ["train", "--config", str(ROOT / "configs/tiny.yaml"), "--out", str(out), "--no-progress"]
+        [
+            "train",
+            "--config",
+            str(ROOT / "configs/tiny.yaml"),
+            "--out",
+            str(out),
+            "--no-progress",
+            "--metrics-port",
+            "0",
+        ]
         + small(tmp_path / "models", "method=npo", "train.steps=4", "npo.early.delta=2")
     )
     assert code == 0
-    assert "report:" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "report:" in printed and "metrics: http://127.0.0.1:" in printed
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["segment"] == "final" and rows[-1]["step"] == 4
     assert [e["event"] for e in map(json.loads, (out / "interventions.jsonl").read_text().splitlines())] == [
