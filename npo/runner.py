@@ -163,7 +163,11 @@ class Runner:
         progress: bool = True,
         log: Callable[[str], None] = print,
         after_step: Callable[[Runner, dict[str, Any]], None] | None = None,
+        publish: Callable[[int], float] | None = None,
     ) -> None:
+        """`engine` samples with the policy's weights: the embedded TransformersEngine shares `policy.model`; an
+        engine in other processes (rollout replicas) needs `publish(step) -> seconds`, called before the engine
+        samples whenever the learner changed the weights since the last call (a step, a rollback, a resume)."""
         self.cfg = cfg
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -176,6 +180,9 @@ class Runner:
         self.problems = {p.prompt_id: p for p in task.train}
         self.autonpo = AutoNPO(cfg.autonpo)
         self.progress, self.log, self.after_step = progress, log, after_step
+        self.publish = publish
+        self._weights_changed = publish is not None
+        self._sync_seconds = 0.0
         # Run state (saved in checkpoints for --resume; a rollback keeps it).
         self.step = 0
         self.optimizer_steps = 0
@@ -212,7 +219,7 @@ class Runner:
         previous = self._install_sigint()
         try:
             self.run_until(self.cfg.train.steps)
-            self._finish()
+            self.finish()
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
@@ -260,6 +267,21 @@ class Runner:
         """Stop at the next step boundary, saving a checkpoint (what Ctrl-C does)."""
         self._stop_requested = True
 
+    def clear_stop(self) -> None:
+        """Forget a stop request that arrived after the last step of run_until (it would stop the next call)."""
+        self._stop_requested = False
+
+    def save_checkpoint(self) -> Path:
+        """Checkpoint the current step (replacing one of the same step); returns its folder."""
+        return self._save_checkpoint(self.step)
+
+    def sync_weights(self) -> None:
+        """Publish the weights to the rollout engine when the learner changed them since the last publication
+        (no-op for the embedded engine, which shares the model)."""
+        if self.publish is not None and self._weights_changed:
+            self._sync_seconds += float(self.publish(self.step))
+            self._weights_changed = False
+
     # ------------------------------------------------------------------------------------------------------------
     # One step.
 
@@ -286,6 +308,7 @@ class Runner:
     def _train_one_step(self) -> dict[str, Any]:
         cfg, t = self.cfg, self.step
         started = time.perf_counter()
+        self.sync_weights()
         problems = self.sampler.batch(t)
         prompt_ids = {p.prompt_id: self.policy.encode_prompt(p) for p in problems}
         gens = self.engine.generate(
@@ -324,6 +347,7 @@ class Runner:
             rollout_logprobs=rollout_logprobs,
         )
         metrics = self.learner.train_step(mixed, prompt_ids)
+        self._weights_changed = True
         self.optimizer_steps += 1
         onpolicy = [s for g in groups for s in g]
         row: dict[str, Any] = {
@@ -341,6 +365,9 @@ class Runner:
         }
         row.update(self._pending_eval)
         self._pending_eval = {}
+        if self.publish is not None:
+            row["weight_sync_seconds"] = self._sync_seconds
+            self._sync_seconds = 0.0
         row["wall_time"] = self.wall_offset + time.perf_counter() - self._start
         self._write_row(row)
         if cfg.method is Method.AUTONPO and math.isfinite(row["entropy"]):
@@ -408,6 +435,7 @@ class Runner:
         """Sample guide_samples responses per prompt with the current policy pi^(guide_step); cache the first
         verified-correct one of each prompt. Returns the number of prompts with a guide."""
         cfg = self.cfg
+        self.sync_weights()
         prompt_ids = [self.policy.encode_prompt(p) for p in problems]
         gens = self.engine.generate(
             prompt_ids, cfg.npo.guide_samples, self._rollout_params(), seed=derive_seed(cfg.seed, "guides", guide_step)
@@ -436,6 +464,7 @@ class Runner:
             self.autonpo.cooldown_until = t + cfg.autonpo.window
             return
         problems = [self.problems[p] for p in probe_ids if p in self.problems]
+        self.sync_weights()
         prompt_ids = [self.policy.encode_prompt(p) for p in problems]
         gens = self.engine.generate(
             prompt_ids, cfg.autonpo.probe_samples, self._rollout_params(), seed=derive_seed(cfg.seed, "probe", t)
@@ -498,6 +527,7 @@ class Runner:
     def _evaluate(self, t: int) -> dict[str, Any]:
         """Held-out accuracy of the current policy; its seeds derive from (seed, 'eval', step) only."""
         cfg = self.cfg.eval
+        self.sync_weights()
         problems = self.task.test[: cfg.num_prompts]
         prompt_ids = [self.policy.encode_prompt(p) for p in problems]
         params = SamplingParams(temperature=cfg.temperature, top_p=1.0, max_new_tokens=self.cfg.rollout.max_new_tokens)
@@ -573,6 +603,7 @@ class Runner:
         checkpoint = self.ckpt.load(step)
         load_weights(self.policy.model, checkpoint.path)
         self.learner.load_state_dict(checkpoint.trainer_state)
+        self._weights_changed = self.publish is not None
         set_rng_state(checkpoint.trainer_state["rng"])
         return checkpoint
 
@@ -614,7 +645,8 @@ class Runner:
         raw = self.autonpo.detector.state_dict()["raw"]
         self._last_reading = self.autonpo.detector.reading() if raw else None
 
-    def _finish(self) -> None:
+    def finish(self) -> None:
+        """End the run at the current step: a final checkpoint and a `final` metrics row (with evaluation)."""
         t = self.step
         self._save_checkpoint(t)
         row: dict[str, Any] = {

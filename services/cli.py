@@ -1,6 +1,9 @@
 """The `npo` command: wires the method (npo/) to its engines and runs it.
 
     npo train   --config FILE [--set key=value ...] [--out DIR] [--resume DIR]
+    npo train   --connect DIR|HOST:PORT               drive the run of services started by `npo up`
+    npo up      --config FILE --out DIR [--replicas N] guidance cache, rollout replicas and learner as processes
+    npo down    DIR                                   stop what `npo up` started
     npo demo    --config FILE [--out DIR]            GRPO and AutoNPO side by side, same seed, then a comparison
     npo compare DIR [DIR ...] [--out DIR]           table + overlay plots
     npo analyze DIR [--deltas 0,10,20,40]           Q(Delta), V(Delta), S(Delta) across a run's checkpoints
@@ -119,6 +122,26 @@ def train(
     return run_dir
 
 
+def connect(args: argparse.Namespace) -> Path:
+    """`npo train --connect`: run the learner's configured run to its end, then write the report."""
+    from npo.report import write_report
+    from services.launcher import train_connected
+
+    if args.config or args.overrides or args.resume or args.out or args.metrics_port is not None:
+        raise ConfigError(
+            "--connect: the learner's run config applies; give --config/--set/--out to `npo up` "
+            "(and --metrics-port is the learner's, set by `npo up`)"
+        )
+    started = time.perf_counter()
+    run_dir = Path(train_connected(args.connect, progress=not args.no_progress))
+    if (run_dir / "metrics.jsonl").is_file():
+        report = write_report(run_dir)
+        print(f"run finished in {time.perf_counter() - started:.0f} s; report: {report}")
+    else:
+        print(f"run finished in {time.perf_counter() - started:.0f} s; run folder (on the learner): {run_dir}")
+    return run_dir
+
+
 def demo(config: str | None, overrides: list[str], out: str) -> None:
     from npo.report import compare_runs
 
@@ -151,6 +174,24 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument("--no-progress", action="store_true", help="no progress bar")
     p_train.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (0 = any free port)")
     p_train.add_argument("--metrics-address", default="127.0.0.1", help="address of the /metrics endpoint")
+    p_train.add_argument(
+        "--connect",
+        metavar="DIR|HOST:PORT",
+        help="run against services: the folder of `npo up`, or the learner's address (its run config applies)",
+    )
+
+    p_up = sub.add_parser("up", help="start the run's services (cache, rollout replicas, learner) as local processes")
+    p_up.add_argument("--config", help="YAML run config (see configs/)")
+    p_up.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p_up.add_argument("--out", required=True, help="run folder (state, logs, checkpoints, metrics)")
+    p_up.add_argument("--replicas", type=int, default=1, help="rollout replicas (default 1)")
+    p_up.add_argument("--host", default="127.0.0.1", help="address every service listens on")
+    p_up.add_argument("--learner-port", type=int, default=0, help="the learner's gRPC port (0: a free one)")
+    p_up.add_argument("--metrics-port", type=int, default=0, help="the learner's /metrics port (0: a free one)")
+    p_up.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for every service to be healthy")
+
+    p_down = sub.add_parser("down", help="stop the services `npo up` started in a run folder")
+    p_down.add_argument("run", help="the run folder given to `npo up --out`")
 
     p_demo = sub.add_parser("demo", help="GRPO and AutoNPO side by side on the same seed, then compare")
     p_demo.add_argument("--config", default="configs/demo.yaml")
@@ -175,7 +216,31 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     try:
-        if args.command == "train":
+        if args.command == "train" and args.connect:
+            connect(args)
+        elif args.command == "up":
+            from services.launcher import up
+
+            started = up(
+                args.config,
+                args.overrides,
+                args.out,
+                replicas=args.replicas,
+                host=args.host,
+                learner_port=args.learner_port,
+                metrics_port=args.metrics_port,
+                timeout_s=args.timeout,
+            )
+            for entry in started:
+                extra = f"  metrics {entry.metrics_url}" if entry.metrics_url else ""
+                print(f"{entry.name:16s} {entry.address:22s} pid {entry.pid:<8d} log {entry.log}{extra}")
+            print(f"up. next: npo train --connect {args.out}; stop with: npo down {args.out}")
+        elif args.command == "down":
+            from services.launcher import down
+
+            stopped = down(args.run)
+            print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
+        elif args.command == "train":
             train(
                 args.config,
                 args.overrides,
@@ -222,6 +287,14 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"npo: {exc}", file=sys.stderr)
         return 2
+    except (ConnectionError, TimeoutError) as exc:
+        print(f"npo: {exc}", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:
+        if args.command not in ("up", "down") and not getattr(args, "connect", None):
+            raise
+        print(f"npo: {exc}", file=sys.stderr)  # a service that failed to start, a failed or refused segment
+        return 1
     except KeyboardInterrupt:
         print("npo: aborted", file=sys.stderr)
         return 130

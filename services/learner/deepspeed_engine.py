@@ -23,6 +23,12 @@ Process group: when no launcher started one (RANK unset), a one-process world (r
 port; backend gloo on a CPU (DS_ACCELERATOR=cpu), the accelerator's (NCCL on CUDA) otherwise. Under a launcher
 (deepspeed, torchrun) every rank runs this class on its share of the groups and DeepSpeed averages the gradients.
 
+Device: DeepSpeed picks its accelerator once, when it is first imported (DS_ACCELERATOR, else CUDA when torch sees a
+GPU, else the CPU); services/cli.py sets DS_ACCELERATOR from train.device. deepspeed.initialize moves the model to
+the accelerator's device (cuda:LOCAL_RANK on CUDA), so a policy loaded on the CPU follows it, and the rollout engine,
+which shares the model, samples there too. A model already on a GPU with a CPU accelerator is refused (DeepSpeed
+would silently move it back to the CPU).
+
 ZeRO stages 0, 1 and 2. Stage 3 partitions the parameters themselves, so the runner's in-place weight loading
 (npo.learner.load_weights) and save_pretrained would see empty tensors; it is refused until weights go through the
 engine (GatheredParameters or engine.save_checkpoint).
@@ -99,7 +105,11 @@ def init_process_group() -> None:
         os.environ.setdefault("MASTER_PORT", str(free_port()))
         os.environ["RANK"] = "0"
     accelerator = get_accelerator()
-    backend = "gloo" if accelerator.device_name() == "cpu" else accelerator.communication_backend_name()
+    if accelerator.device_name() == "cpu":
+        backend = "gloo"
+    else:
+        backend = accelerator.communication_backend_name()
+        accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # NCCL binds this rank to its own GPU
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
 
 
@@ -160,7 +170,15 @@ class DeepSpeedLearner:
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size: must be >= 1, got {micro_batch_size}")
         import deepspeed
+        from deepspeed.accelerator import get_accelerator
 
+        accelerator = get_accelerator().device_name()
+        model_device = next(model.parameters()).device.type
+        if model_device != "cpu" and model_device != accelerator:
+            raise ValueError(
+                f"model: is on {model_device} but DeepSpeed's accelerator is {accelerator}; set DS_ACCELERATOR "
+                f"(or train.device) consistently before deepspeed is first imported"
+            )
         init_process_group()
         self.model = model
         self.pad_id = pad_id
@@ -184,6 +202,11 @@ class DeepSpeedLearner:
         if self.reference is not None:
             self.reference.to(self.engine.device)
         self._forward = _EngineForward(self.engine)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the engine keeps the model and computes (cuda:LOCAL_RANK on CUDA, cpu on the CPU accelerator)."""
+        return torch.device(self.engine.device)
 
     @property
     def optimizer_steps(self) -> int:

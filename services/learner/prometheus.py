@@ -71,7 +71,7 @@ class LearnerMetrics:
             if value is not None:
                 self._gauges[name].labels(run=self.run).set(value)
         slots = _finite(row.get("guide_slots"))
-        if slots is not None and slots > 0:
+        if slots is not None and slots >= 0:
             self._guide_slots.labels(run=self.run).inc(slots)
         seconds = [_finite(row.get(k)) for k in ("gen_seconds", "train_seconds")]
         if any(s is not None for s in seconds):

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from services.proto.npo.v1 import common_pb2 as npo_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14npo/v1/learner.proto\x12\x06npo.v1\x1a\x13npo/v1/common.proto\"\xcf\x01\n\x11RunSegmentRequest\x12\x11\n\tfrom_step\x18\x01 \x01(\x03\x12\x0e\n\x06length\x18\x02 \x01(\x03\x12\"\n\x04mode\x18\x03 \x01(\x0e\x32\x14.npo.v1.TrainingMode\x12\x12\n\nguide_step\x18\x04 \x01(\x03\x12\x15\n\x08tau_gate\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x1a\n\ris_correction\x18\x06 \x01(\x08H\x01\x88\x01\x01\x12\r\n\x05label\x18\x07 \x01(\tB\x0b\n\t_tau_gateB\x10\n\x0e_is_correction\":\n\x12RunSegmentResponse\x12\x12\n\nsegment_id\x18\x01 \x01(\t\x12\x10\n\x08\x65nd_step\x18\x02 \x01(\x03\"\"\n\x0fRollbackRequest\x12\x0f\n\x07to_step\x18\x01 \x01(\x03\" \n\x10RollbackResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\"\x17\n\x15SaveCheckpointRequest\"D\n\x16SaveCheckpointResponse\x12*\n\ncheckpoint\x18\x01 \x01(\x0b\x32\x16.npo.v1.CheckpointInfo\"\x18\n\x16ListCheckpointsRequest\"F\n\x17ListCheckpointsResponse\x12+\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\x16.npo.v1.CheckpointInfo\"\x0f\n\rStatusRequest\"\x9e\x02\n\x0eStatusResponse\x12#\n\x05state\x18\x01 \x01(\x0e\x32\x14.npo.v1.LearnerState\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x12\n\nsegment_id\x18\x03 \x01(\t\x12\"\n\x04mode\x18\x04 \x01(\x0e\x32\x14.npo.v1.TrainingMode\x12\x12\n\nguide_step\x18\x05 \x01(\x03\x12\x18\n\x10segment_end_step\x18\x06 \x01(\x03\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x34\n\x07metrics\x18\x08 \x03(\x0b\x32#.npo.v1.StatusResponse.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x0e\n\x0cPauseRequest\"B\n\rPauseResponse\x12#\n\x05state\x18\x01 \x01(\x0e\x32\x14.npo.v1.LearnerState\x12\x0c\n\x04step\x18\x02 \x01(\x03\"\x0f\n\rResumeRequest\"C\n\x0eResumeResponse\x12#\n\x05state\x18\x01 \x01(\x0e\x32\x14.npo.v1.LearnerState\x12\x0c\n\x04step\x18\x02 \x01(\x03*\\\n\x0cTrainingMode\x12\x1d\n\x19TRAINING_MODE_UNSPECIFIED\x10\x00\x12\x16\n\x12TRAINING_MODE_GRPO\x10\x01\x12\x15\n\x11TRAINING_MODE_NPO\x10\x02*\x94\x01\n\x0cLearnerState\x12\x1d\n\x19LEARNER_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12LEARNER_STATE_IDLE\x10\x01\x12\x19\n\x15LEARNER_STATE_RUNNING\x10\x02\x12\x18\n\x14LEARNER_STATE_PAUSED\x10\x03\x12\x18\n\x14LEARNER_STATE_FAILED\x10\x04\x32\xff\x03\n\x0eLearnerService\x12\x43\n\nRunSegment\x12\x19.npo.v1.RunSegmentRequest\x1a\x1a.npo.v1.RunSegmentResponse\x12\x42\n\x08Rollback\x12\x17.npo.v1.RollbackRequest\x1a\x18.npo.v1.RollbackResponse\"\x03\x90\x02\x02\x12T\n\x0eSaveCheckpoint\x12\x1d.npo.v1.SaveCheckpointRequest\x1a\x1e.npo.v1.SaveCheckpointResponse\"\x03\x90\x02\x02\x12W\n\x0fListCheckpoints\x12\x1e.npo.v1.ListCheckpointsRequest\x1a\x1f.npo.v1.ListCheckpointsResponse\"\x03\x90\x02\x01\x12<\n\x06Status\x12\x15.npo.v1.StatusRequest\x1a\x16.npo.v1.StatusResponse\"\x03\x90\x02\x01\x12\x39\n\x05Pause\x12\x14.npo.v1.PauseRequest\x1a\x15.npo.v1.PauseResponse\"\x03\x90\x02\x02\x12<\n\x06Resume\x12\x15.npo.v1.ResumeRequest\x1a\x16.npo.v1.ResumeResponse\"\x03\x90\x02\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14npo/v1/learner.proto\x12\x06npo.v1\x1a\x13npo/v1/common.proto\"\xcf\x01\n\x11RunSegmentRequest\x12\x11\n\tfrom_step\x18\x01 \x01(\x03\x12\x0e\n\x06length\x18\x02 \x01(\x03\x12\"\n\x04mode\x18\x03 \x01(\x0e\x32\x14.npo.v1.TrainingMode\x12\x12\n\nguide_step\x18\x04 \x01(\x03\x12\x15\n\x08tau_gate\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x1a\n\ris_correction\x18\x06 \x01(\x08H\x01\x88\x01\x01\x12\r\n\x05label\x18\x07 \x01(\tB\x0b\n\t_tau_gateB\x10\n\x0e_is_correction\":\n\x12RunSegmentResponse\x12\x12\n\nsegment_id\x18\x01 \x01(\t\x12\x10\n\x08\x65nd_step\x18\x02 \x01(\x03\"\"\n\x0fRollbackRequest\x12\x0f\n\x07to_step\x18\x01 \x01(\x03\" \n\x10RollbackResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\"\x17\n\x15SaveCheckpointRequest\"D\n\x16SaveCheckpointResponse\x12*\n\ncheckpoint\x18\x01 \x01(\x0b\x32\x16.npo.v1.CheckpointInfo\"\x18\n\x16ListCheckpointsRequest\"F\n\x17ListCheckpointsResponse\x12+\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\x16.npo.v1.CheckpointInfo\"\x0f\n\rStatusRequest\"\xe1\x02\n\x0eStatusResponse\x12#\n\x05state\x18\x01 \x01(\x0e\x32\x14.npo.v1.LearnerState\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x12\n\nsegment_id\x18\x03 \x01(\t\x12\"\n\x04mode\x18\x04 \x01(\x0e\x32\x14.npo.v1.TrainingMode\x12\x12\n\nguide_step\x18\x05 \x01(\x03\x12\x18\n\x10segment_end_step\x18\x06 \x01(\x03\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x34\n\x07metrics\x18\x08 \x03(\x0b\x32#.npo.v1.StatusResponse.MetricsEntry\x12\x0b\n\x03run\x18\t \x01(\t\x12\x11\n\trun_steps\x18\n \x01(\x03\x12\x0f\n\x07run_dir\x18\x0b \x01(\t\x12\x10\n\x08\x66inished\x18\x0c \x01(\x08\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x0e\n\x0cPauseRequest\"B\n\rPauseResponse\x12#\n\x05state\x18\x01 \x01(\x0e\x32\x14.npo.v1.LearnerState\x12\x0c\n\x04step\x18\x02 \x01(\x03\"\x0f\n\rResumeRequest\"C\n\x0eResumeResponse\x12#\n\x05state\x18\x01 \x01(\x0e\x32\x14.npo.v1.LearnerState\x12\x0c\n\x04step\x18\x02 \x01(\x03*\\\n\x0cTrainingMode\x12\x1d\n\x19TRAINING_MODE_UNSPECIFIED\x10\x00\x12\x16\n\x12TRAINING_MODE_GRPO\x10\x01\x12\x15\n\x11TRAINING_MODE_NPO\x10\x02*\x94\x01\n\x0cLearnerState\x12\x1d\n\x19LEARNER_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12LEARNER_STATE_IDLE\x10\x01\x12\x19\n\x15LEARNER_STATE_RUNNING\x10\x02\x12\x18\n\x14LEARNER_STATE_PAUSED\x10\x03\x12\x18\n\x14LEARNER_STATE_FAILED\x10\x04\x32\xff\x03\n\x0eLearnerService\x12\x43\n\nRunSegment\x12\x19.npo.v1.RunSegmentRequest\x1a\x1a.npo.v1.RunSegmentResponse\x12\x42\n\x08Rollback\x12\x17.npo.v1.RollbackRequest\x1a\x18.npo.v1.RollbackResponse\"\x03\x90\x02\x02\x12T\n\x0eSaveCheckpoint\x12\x1d.npo.v1.SaveCheckpointRequest\x1a\x1e.npo.v1.SaveCheckpointResponse\"\x03\x90\x02\x02\x12W\n\x0fListCheckpoints\x12\x1e.npo.v1.ListCheckpointsRequest\x1a\x1f.npo.v1.ListCheckpointsResponse\"\x03\x90\x02\x01\x12<\n\x06Status\x12\x15.npo.v1.StatusRequest\x1a\x16.npo.v1.StatusResponse\"\x03\x90\x02\x01\x12\x39\n\x05Pause\x12\x14.npo.v1.PauseRequest\x1a\x15.npo.v1.PauseResponse\"\x03\x90\x02\x02\x12<\n\x06Resume\x12\x15.npo.v1.ResumeRequest\x1a\x16.npo.v1.ResumeResponse\"\x03\x90\x02\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,10 +46,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LEARNERSERVICE'].methods_by_name['Pause']._serialized_options = b'\220\002\002'
   _globals['_LEARNERSERVICE'].methods_by_name['Resume']._loaded_options = None
   _globals['_LEARNERSERVICE'].methods_by_name['Resume']._serialized_options = b'\220\002\002'
-  _globals['_TRAININGMODE']._serialized_start=1062
-  _globals['_TRAININGMODE']._serialized_end=1154
-  _globals['_LEARNERSTATE']._serialized_start=1157
-  _globals['_LEARNERSTATE']._serialized_end=1305
+  _globals['_TRAININGMODE']._serialized_start=1129
+  _globals['_TRAININGMODE']._serialized_end=1221
+  _globals['_LEARNERSTATE']._serialized_start=1224
+  _globals['_LEARNERSTATE']._serialized_end=1372
   _globals['_RUNSEGMENTREQUEST']._serialized_start=54
   _globals['_RUNSEGMENTREQUEST']._serialized_end=261
   _globals['_RUNSEGMENTRESPONSE']._serialized_start=263
@@ -69,17 +69,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATUSREQUEST']._serialized_start=586
   _globals['_STATUSREQUEST']._serialized_end=601
   _globals['_STATUSRESPONSE']._serialized_start=604
-  _globals['_STATUSRESPONSE']._serialized_end=890
-  _globals['_STATUSRESPONSE_METRICSENTRY']._serialized_start=844
-  _globals['_STATUSRESPONSE_METRICSENTRY']._serialized_end=890
-  _globals['_PAUSEREQUEST']._serialized_start=892
-  _globals['_PAUSEREQUEST']._serialized_end=906
-  _globals['_PAUSERESPONSE']._serialized_start=908
-  _globals['_PAUSERESPONSE']._serialized_end=974
-  _globals['_RESUMEREQUEST']._serialized_start=976
-  _globals['_RESUMEREQUEST']._serialized_end=991
-  _globals['_RESUMERESPONSE']._serialized_start=993
-  _globals['_RESUMERESPONSE']._serialized_end=1060
-  _globals['_LEARNERSERVICE']._serialized_start=1308
-  _globals['_LEARNERSERVICE']._serialized_end=1819
+  _globals['_STATUSRESPONSE']._serialized_end=957
+  _globals['_STATUSRESPONSE_METRICSENTRY']._serialized_start=911
+  _globals['_STATUSRESPONSE_METRICSENTRY']._serialized_end=957
+  _globals['_PAUSEREQUEST']._serialized_start=959
+  _globals['_PAUSEREQUEST']._serialized_end=973
+  _globals['_PAUSERESPONSE']._serialized_start=975
+  _globals['_PAUSERESPONSE']._serialized_end=1041
+  _globals['_RESUMEREQUEST']._serialized_start=1043
+  _globals['_RESUMEREQUEST']._serialized_end=1058
+  _globals['_RESUMERESPONSE']._serialized_start=1060
+  _globals['_RESUMERESPONSE']._serialized_end=1127
+  _globals['_LEARNERSERVICE']._serialized_start=1375
+  _globals['_LEARNERSERVICE']._serialized_end=1886
 # @@protoc_insertion_point(module_scope)

@@ -93,7 +93,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("state", "step", "segment_id", "mode", "guide_step", "segment_end_step", "error", "metrics")
+    __slots__ = ("state", "step", "segment_id", "mode", "guide_step", "segment_end_step", "error", "metrics", "run", "run_steps", "run_dir", "finished")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +109,10 @@ class StatusResponse(_message.Message):
     SEGMENT_END_STEP_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    RUN_STEPS_FIELD_NUMBER: _ClassVar[int]
+    RUN_DIR_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
     state: LearnerState
     step: int
     segment_id: str
@@ -117,7 +121,11 @@ class StatusResponse(_message.Message):
     segment_end_step: int
     error: str
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, state: _Optional[_Union[LearnerState, str]] = ..., step: _Optional[int] = ..., segment_id: _Optional[str] = ..., mode: _Optional[_Union[TrainingMode, str]] = ..., guide_step: _Optional[int] = ..., segment_end_step: _Optional[int] = ..., error: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    run: str
+    run_steps: int
+    run_dir: str
+    finished: bool
+    def __init__(self, state: _Optional[_Union[LearnerState, str]] = ..., step: _Optional[int] = ..., segment_id: _Optional[str] = ..., mode: _Optional[_Union[TrainingMode, str]] = ..., guide_step: _Optional[int] = ..., segment_end_step: _Optional[int] = ..., error: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., run: _Optional[str] = ..., run_steps: _Optional[int] = ..., run_dir: _Optional[str] = ..., finished: _Optional[bool] = ...) -> None: ...
 
 class PauseRequest(_message.Message):
     __slots__ = ()

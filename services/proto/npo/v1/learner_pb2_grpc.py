@@ -78,7 +78,10 @@ class LearnerServiceServicer:
 
     def RunSegment(self, request, context):
         """Start a segment of optimiser steps in the background and return once it is accepted. Fails with
-        FAILED_PRECONDITION while another segment runs or when from_step is not the learner's current step.
+        FAILED_PRECONDITION while another segment runs or when from_step is not the learner's current step. The
+        interventions of the learner's run config (npo.early / npo.late, AutoNPO) run inside segments as in the
+        embedded runtime; a segment that reaches the config's train.steps finishes the run (final checkpoint and
+        evaluation).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,303 @@
+"""`npo up` / `npo down`: the roles of one run as local processes on loopback ports, and `npo train --connect`.
+
+    npo up --config configs/tiny.yaml --out runs/svc --replicas 2     # cache (+ embedded Redis), 2 rollout, learner
+    npo train --connect runs/svc                                      # drive the run through LearnerService
+    npo down runs/svc                                                 # stop what `up` started
+
+`up` resolves the run config once (written to DIR/service-config.yaml, which every process reads), warms the model
+cache once (so the processes do not all build it), then starts the guidance cache service (with an embedded Redis
+unless cache.url names one) and the rollout replicas side by side, and the learner last, pointed at them. Each
+process listens on a free port (or the one asked for), prints `serving on HOST:PORT` to its log (DIR/logs/), and is
+checked with grpc.health.v1 before `up` reports it. What was started goes to DIR/services.json, which `down` reads;
+a process that fails to start stops everything `up` started and its log's tail is shown.
+
+The learner's run folder is DIR itself (checkpoints/, metrics.jsonl, interventions.jsonl, published/ weights).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from npo.config import ConfigError
+
+STATE_FILE = "services.json"
+"""What `npo up` started, in the run folder."""
+CONFIG_FILE = "service-config.yaml"
+"""The resolved run config every process of `npo up` reads."""
+SERVING = re.compile(r"serving on (\S+:\d+)")
+"""The line each service prints once it listens."""
+METRICS = re.compile(r"metrics on (http://\S+/metrics)")
+"""The learner's line naming its /metrics endpoint."""
+
+
+@dataclass
+class Started:
+    """One process started by `npo up`."""
+
+    name: str
+    """guidance_cache | rollout-<i> | learner"""
+    pid: int
+    """Its process id (the leader of its own process group)."""
+    address: str
+    """host:port it serves gRPC on."""
+    log: str
+    """Its log file (stdout and stderr)."""
+    metrics_url: str = ""
+    """Its Prometheus endpoint, when it has one."""
+
+
+def _log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def spawn(name: str, argv: Sequence[str], log_dir: Path) -> tuple[subprocess.Popen, Path]:
+    """Start `argv` in its own session (Ctrl-C in this terminal does not reach it), output to log_dir/<name>.log."""
+    log = log_dir / f"{name}.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            list(argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env
+        )
+    return proc, log
+
+
+def wait_serving(name: str, proc: subprocess.Popen, log: Path, deadline: float) -> tuple[str, str]:
+    """Wait until the process printed its `serving on HOST:PORT` line; returns (address, metrics url or "").
+    RuntimeError with the log's tail when it exits first or the deadline passes."""
+    while True:
+        text = log.read_text(errors="replace") if log.exists() else ""
+        found = SERVING.search(text)
+        if found:
+            metrics = METRICS.search(text)
+            return found.group(1), metrics.group(1) if metrics else ""
+        if proc.poll() is not None:
+            tail = _log_tail(log)
+            raise RuntimeError(f"{name} exited with code {proc.returncode} while starting; its log ({log}):\n{tail}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{name} did not start in time; its log ({log}):\n{_log_tail(log)}")
+        time.sleep(0.1)
+
+
+def wait_healthy(address: str, deadline: float) -> None:
+    """Wait until grpc.health.v1 at `address` answers SERVING (RuntimeError at the deadline)."""
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{address}: not healthy in time")
+            time.sleep(0.1)
+
+
+def read_state(run_dir: str | os.PathLike) -> list[Started]:
+    """The processes recorded by `npo up` in run_dir (FileNotFoundError when there are none)."""
+    path = Path(run_dir) / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no {STATE_FILE} (nothing started there by `npo up`)")
+    return [Started(**entry) for entry in json.loads(path.read_text())["services"]]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if cmdline.exists():  # a reused pid is not ours to stop
+        try:
+            return b"services." in cmdline.read_bytes()
+        except OSError:
+            return False
+    return True
+
+
+def stop(processes: Sequence[Started], timeout_s: float = 15.0) -> list[str]:
+    """SIGTERM each process group (in the given order), SIGKILL what is still alive after `timeout_s`; returns
+    the names stopped."""
+    stopped = []
+    for entry in processes:
+        if _alive(entry.pid):
+            with _suppress_lookup():
+                os.killpg(entry.pid, signal.SIGTERM)
+            stopped.append(entry.name)
+    deadline = time.monotonic() + timeout_s
+    for entry in processes:
+        while _alive(entry.pid) and time.monotonic() < deadline:
+            _reap(entry.pid)
+            time.sleep(0.1)
+        if _alive(entry.pid):
+            with _suppress_lookup():
+                os.killpg(entry.pid, signal.SIGKILL)
+        _reap(entry.pid)
+    return stopped
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+class _suppress_lookup:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, value, tb) -> bool:
+        return kind is ProcessLookupError
+
+
+def up(
+    config: str | None,
+    overrides: list[str],
+    out: str | os.PathLike,
+    *,
+    replicas: int = 1,
+    host: str = "127.0.0.1",
+    learner_port: int = 0,
+    metrics_port: int = 0,
+    timeout_s: float = 300.0,
+) -> list[Started]:
+    """Start the run's services (see the module docstring); returns what was started, learner last."""
+    from npo.run_config import load_run_config, run_config_to_dict
+    from services.cli import build_policy_and_task
+
+    if replicas < 1:
+        raise ConfigError(f"--replicas: must be >= 1, got {replicas}")
+    run_dir = Path(out)
+    if (run_dir / STATE_FILE).exists():
+        running = [s.name for s in read_state(run_dir) if _alive(s.pid)]
+        if running:
+            raise ConfigError(f"{run_dir}: services already up ({', '.join(running)}); `npo down {run_dir}` first")
+    cfg = load_run_config(config, overrides)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    logs = run_dir / "logs"
+    logs.mkdir(exist_ok=True)
+    import yaml
+
+    config_file = run_dir / CONFIG_FILE
+    config_file.write_text(yaml.safe_dump(run_config_to_dict(cfg), sort_keys=False))
+    build_policy_and_task(cfg)  # warm the model cache once, here
+    python, conf = sys.executable, ["--config", str(config_file)]
+    threads = ["--threads", str(cfg.train.threads)] if cfg.train.threads else []
+    deadline = time.monotonic() + timeout_s
+    started: list[Started] = []
+    spawned: list[Started] = []  # everything started, recorded or not: stopped when `up` fails
+    try:
+        redis = ["--redis-url", cfg.cache.url] if cfg.cache.url else []
+        cache_argv = [python, "-m", "services.guidance_cache", "--address", f"{host}:0", "--prefix", cfg.cache.prefix]
+        first = {"guidance_cache": cache_argv + redis}
+        for i in range(replicas):
+            first[f"rollout-{i}"] = [python, "-m", "services.rollout", *conf, "--address", f"{host}:0", *threads]
+        procs = {name: spawn(name, argv, logs) for name, argv in first.items()}
+        spawned += [Started(name, proc.pid, "", str(log)) for name, (proc, log) in procs.items()]
+        for name, (proc, log) in procs.items():
+            address, _ = wait_serving(name, proc, log, deadline)
+            started.append(Started(name, proc.pid, address, str(log)))
+        rollout = ",".join(s.address for s in started if s.name.startswith("rollout-"))
+        cache = next(s.address for s in started if s.name == "guidance_cache")
+        learner_argv = [python, "-m", "services.learner", *conf, "--out", str(run_dir)]
+        learner_argv += ["--address", f"{host}:{learner_port}", "--rollout", rollout, "--cache", cache]
+        learner_argv += ["--metrics-port", str(metrics_port), "--metrics-address", host]
+        proc, log = spawn("learner", learner_argv, logs)
+        spawned.append(Started("learner", proc.pid, "", str(log)))
+        address, metrics_url = wait_serving("learner", proc, log, deadline)
+        started.append(Started("learner", proc.pid, address, str(log), metrics_url))
+        for entry in started:
+            wait_healthy(entry.address, deadline)
+    except BaseException:
+        stop(list(reversed(spawned)))
+        raise
+    state = {"config": str(config_file), "run_dir": str(run_dir.resolve()), "services": [asdict(s) for s in started]}
+    (run_dir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+    return started
+
+
+def down(run_dir: str | os.PathLike, timeout_s: float = 15.0) -> list[str]:
+    """Stop what `npo up` started in run_dir (learner first); returns the names that were still running."""
+    processes = read_state(run_dir)
+    stopped = stop(list(reversed(processes)), timeout_s)
+    (Path(run_dir) / STATE_FILE).unlink(missing_ok=True)
+    return stopped
+
+
+def learner_address(target: str) -> str:
+    """The learner's host:port from `target`: a folder of `npo up`, or host:port itself."""
+    if Path(target).is_dir():
+        return next(s.address for s in read_state(target) if s.name == "learner")
+    if not re.fullmatch(r"\S+:\d+", target):
+        raise ConfigError(f"--connect: expected a folder of `npo up` or the learner's host:port, got {target!r}")
+    return target
+
+
+def train_connected(target: str, *, progress: bool = True, timeout_s: float = 7 * 24 * 3600.0) -> str:
+    """Drive the run of the learner at `target` to its end: one segment from its current step to train.steps (its
+    config's interventions run inside), with a progress bar from Status. Ctrl-C pauses the learner (a checkpoint is
+    saved; `npo train --connect` again continues). Returns the learner's run folder."""
+    from services.learner.client import LearnerClient
+
+    address = learner_address(target)
+    with LearnerClient(address, timeout_s=120.0) as learner:
+        status = learner.status()
+        if status.finished:
+            print(f"run {status.run} already finished at step {status.step} ({status.run_dir})")
+            return status.run_dir
+        if status.state == "paused":
+            learner.resume()
+            segment = learner.status().segment_id
+        elif status.state == "running":
+            segment = status.segment_id
+        else:
+            segment = learner.run_segment(status.step, status.run_steps - status.step, "grpo").segment_id
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=status.run_steps, initial=status.step, desc=f"{status.run} @ {address}", unit="step")
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                status = learner.status()
+                if bar is not None:
+                    bar.n = status.step
+                    if "reward_mean" in status.metrics:
+                        reward, entropy = status.metrics["reward_mean"], status.metrics.get("entropy", float("nan"))
+                        bar.set_postfix(reward=f"{reward:.3f}", entropy=f"{entropy:.3f}", refresh=False)
+                    bar.refresh()
+                if status.segment_id != segment or status.state != "running" or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            state, step = learner.pause()
+            print(f"\npaused the learner at step {step} ({state}); continue with: npo train --connect {target}")
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        if status.state == "failed":
+            raise RuntimeError(f"the learner's segment failed: {status.error}")
+        if status.state == "running":
+            raise TimeoutError(f"the run is still running after {timeout_s:g} s (step {status.step})")
+        return status.run_dir

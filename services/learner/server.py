@@ -1,0 +1,476 @@
+"""LearnerService (proto/npo/v1/learner.proto) around one in-process npo.runner.Runner.
+
+The controller drives the learner: RunSegment starts a segment of GRPO or NPO steps in a background thread and
+returns once accepted (Status reports progress), Rollback restores a checkpoint, SaveCheckpoint / ListCheckpoints
+manage checkpoints, Pause stops after the step in progress (the runner saves a checkpoint there) and Resume continues
+the paused segment. `LearnerControl` holds that state machine without any gRPC; `LearnerServicer` only converts
+messages. Errors: bad arguments -> INVALID_ARGUMENT (ValueError), a rollback to a step without a checkpoint ->
+NOT_FOUND (KeyError), a call that conflicts with the running or paused segment -> FAILED_PRECONDITION (`LearnerBusy`,
+whose message names that segment's id).
+
+    python -m services.learner --config configs/demo.yaml --out runs/learner --address 0.0.0.0:50053
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from npo.config import AlgoConfig, ConfigError
+from npo.runner import Interrupted, Runner, Segment
+from services.grpc_common import DEFAULT_MAX_MESSAGE_BYTES, add_health, bind, make_server
+from services.proto.npo.v1 import common_pb2
+from services.proto.npo.v1 import learner_pb2 as pb
+from services.proto.npo.v1 import learner_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LearnerService"].full_name
+"""Full name of the service ("npo.v1.LearnerService"), as health checks and service configs name it."""
+
+IDLE, RUNNING, PAUSED, FAILED = "idle", "running", "paused", "failed"
+"""The learner's states (LearnerState without the prefix)."""
+
+
+class LearnerBusy(Exception):
+    """A call conflicts with the running or paused segment (answered with FAILED_PRECONDITION)."""
+
+
+@dataclass(frozen=True)
+class SegmentSpec:
+    """What RunSegment asks for, validated."""
+
+    from_step: int
+    """Step the segment starts at (must be the learner's current step)."""
+    length: int
+    """Optimiser steps to run (>= 1)."""
+    npo: bool
+    """True: NPO steps with guides of guide_step; False: plain GRPO."""
+    guide_step: int = -1
+    """NPO only: step of the guide policy whose guides are read from the store; -1 for GRPO."""
+    tau_gate: float | None = None
+    """NPO only: gate threshold for this segment; None keeps the run config's."""
+    is_correction: bool | None = None
+    """NPO only: importance correction of the guide slot for this segment; None keeps the run config's."""
+    label: str = ""
+    """Segment name in metrics rows; empty means "grpo" or "npo"."""
+
+    @property
+    def end_step(self) -> int:
+        return self.from_step + self.length
+
+    @property
+    def name(self) -> str:
+        return self.label or ("npo" if self.npo else "grpo")
+
+
+@dataclass
+class SegmentRun:
+    """A segment accepted by the learner and how far it got."""
+
+    segment_id: str
+    """Id reported by RunSegment and Status."""
+    spec: SegmentSpec
+    """What it runs."""
+
+
+def segment_spec_from_request(request: pb.RunSegmentRequest) -> SegmentSpec:
+    """The SegmentSpec of a RunSegmentRequest; ValueError naming the bad field."""
+    if request.from_step < 0:
+        raise ValueError(f"from_step: must be >= 0, got {request.from_step}")
+    if request.length < 1:
+        raise ValueError(f"length: must be >= 1, got {request.length}")
+    if request.mode == pb.TRAINING_MODE_GRPO:
+        return SegmentSpec(request.from_step, request.length, False, label=request.label)
+    if request.mode != pb.TRAINING_MODE_NPO:
+        raise ValueError(f"mode: expected TRAINING_MODE_GRPO or TRAINING_MODE_NPO, got {request.mode}")
+    if request.guide_step < 0:
+        raise ValueError(f"guide_step: must be >= 0 for an NPO segment, got {request.guide_step}")
+    tau = request.tau_gate if request.HasField("tau_gate") else None
+    if tau is not None and not 0.0 <= tau <= 1.0:
+        raise ValueError(f"tau_gate: must lie in [0, 1], got {tau}")
+    is_correction = request.is_correction if request.HasField("is_correction") else None
+    return SegmentSpec(request.from_step, request.length, True, request.guide_step, tau, is_correction, request.label)
+
+
+@contextlib.contextmanager
+def algo_overrides(algo: AlgoConfig, spec: SegmentSpec) -> Iterator[None]:
+    """Apply the segment's tau_gate and is_correction to `algo` (the runner's, shared with its learner) and restore
+    the previous values on exit."""
+    saved = (algo.tau_gate, algo.is_correction)
+    if spec.npo and spec.tau_gate is not None:
+        algo.tau_gate = spec.tau_gate
+    if spec.npo and spec.is_correction is not None:
+        algo.is_correction = spec.is_correction
+    try:
+        yield
+    finally:
+        algo.tau_gate, algo.is_correction = saved
+
+
+def numeric_metrics(row: dict[str, Any]) -> dict[str, float]:
+    """The numeric entries of a metrics row as floats (strings such as `segment` are left out)."""
+    return {k: float(v) for k, v in row.items() if isinstance(v, (int, float))}
+
+
+def checkpoint_info(runner: Runner, step: int) -> common_pb2.CheckpointInfo:
+    """CheckpointInfo of the runner's complete checkpoint `step`: version = first 16 hex digits of the sha256 of its
+    meta.json (which lists every file's checksum), created = meta.json's modification time."""
+    path = runner.ckpt.path(step)
+    meta = path / "meta.json"
+    version = hashlib.sha256(meta.read_bytes()).hexdigest()[:16]
+    created_ms = int(meta.stat().st_mtime * 1000)
+    return common_pb2.CheckpointInfo(step=step, path=str(path.resolve()), version=version, created_unix_ms=created_ms)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class LearnerControl:
+    """The learner's state machine around `runner`: one segment at a time, run in a background thread."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+        self.state = IDLE
+        self.error = ""
+        self.current: SegmentRun | None = None
+        self.last_metrics: dict[str, float] = {}
+        self.finished = False
+        self._count = 0
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._previous_after_step = runner.after_step
+        runner.after_step = self._after_step
+
+    def _after_step(self, runner: Runner, row: dict[str, Any]) -> None:
+        self.last_metrics = numeric_metrics(row)
+        if self._previous_after_step is not None:
+            self._previous_after_step(runner, row)
+
+    def _busy(self, action: str) -> LearnerBusy:
+        seg = self.current.segment_id if self.current else ""
+        return LearnerBusy(f"cannot {action}: segment {seg} is {self.state} (step {self.runner.step})")
+
+    def run_segment(self, spec: SegmentSpec) -> SegmentRun:
+        """Accept `spec` and start it in the background; LearnerBusy while a segment runs or is paused, or when
+        from_step is not the current step."""
+        with self._lock:
+            if self.state in (RUNNING, PAUSED):
+                raise self._busy("start a segment")
+            if spec.from_step != self.runner.step:
+                raise LearnerBusy(
+                    f"from_step: {spec.from_step} is not the learner's current step {self.runner.step}; "
+                    "roll back to it first"
+                )
+            self._count += 1
+            self.finished = False
+            self.current = SegmentRun(f"seg-{self._count:06d}", spec)
+            self.runner.segment = Segment(spec.name, spec.npo, spec.guide_step if spec.npo else -1, spec.end_step)
+            self._start()
+            return self.current
+
+    def _start(self) -> None:
+        """Run the current segment from the runner's step (lock held)."""
+        self.state, self.error = RUNNING, ""
+        self._thread = threading.Thread(target=self._work, args=(self.current,), name="learner-segment", daemon=True)
+        self._thread.start()
+
+    def _work(self, run: SegmentRun) -> None:
+        outcome, error = IDLE, ""
+        try:
+            with algo_overrides(self.runner.cfg.algo, run.spec):
+                self.runner.run_until(run.spec.end_step)
+            if self.runner.step >= self.runner.cfg.train.steps:
+                self.runner.finish()
+                self.finished = True
+        except Interrupted:
+            outcome = PAUSED
+        except Exception as exc:  # noqa: BLE001 - reported through Status
+            log.error("segment %s failed", run.segment_id, exc_info=exc)
+            outcome, error = FAILED, f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
+        with self._lock:
+            self.runner.clear_stop()  # a pause that came after the last step is void
+            if outcome != PAUSED:
+                self.runner.segment = Segment("grpo")
+            self.state, self.error = outcome, error
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Wait for the background thread to stop (segment done, paused or failed); True when it did."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout_s)
+            return not thread.is_alive()
+        return True
+
+    def pause(self, timeout_s: float | None = None) -> str:
+        """Stop after the step in progress (the runner saves a checkpoint there) and wait up to `timeout_s` for it;
+        returns the state then. Pausing a paused or idle learner changes nothing."""
+        with self._lock:
+            if self.state != RUNNING:
+                return self.state
+            self.runner.request_stop()
+        self.wait(timeout_s)
+        return self.state
+
+    def resume(self) -> str:
+        """Continue a paused segment; returns the state. Resuming a running or idle learner changes nothing."""
+        with self._lock:
+            if self.state == PAUSED:
+                self._start()
+            return self.state
+
+    def rollback(self, to_step: int) -> int:
+        """Restore checkpoint `to_step` (abandoning a paused segment); returns the step. ValueError for a negative or
+        future step, KeyError when no checkpoint of it exists, LearnerBusy while a segment runs."""
+        if to_step < 0:
+            raise ValueError(f"to_step: must be >= 0, got {to_step}")
+        with self._lock:
+            if self.state == RUNNING:
+                raise self._busy("roll back")
+            if to_step not in self.runner.ckpt.steps():
+                raise KeyError(f"to_step: no checkpoint of step {to_step} (have: {self.runner.ckpt.steps()})")
+            self.runner.rollback(to_step)
+            self.runner.segment = Segment("grpo")
+            self.state, self.error, self.finished = IDLE, "", False
+            return self.runner.step
+
+    def save_checkpoint(self) -> int:
+        """Checkpoint the current step; LearnerBusy while a segment runs. Returns the step."""
+        with self._lock:
+            if self.state == RUNNING:
+                raise self._busy("save a checkpoint")
+            self.runner.save_checkpoint()
+            return self.runner.step
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+_STATES = {
+    IDLE: pb.LEARNER_STATE_IDLE,
+    RUNNING: pb.LEARNER_STATE_RUNNING,
+    PAUSED: pb.LEARNER_STATE_PAUSED,
+    FAILED: pb.LEARNER_STATE_FAILED,
+}
+
+
+def status_reply(control: LearnerControl) -> pb.StatusResponse:
+    """StatusResponse of the learner now."""
+    reply = pb.StatusResponse(
+        state=_STATES[control.state],
+        step=control.runner.step,
+        guide_step=-1,
+        error=control.error if control.state == FAILED else "",
+        metrics=control.last_metrics,
+        run=control.runner.run,
+        run_steps=control.runner.cfg.train.steps,
+        run_dir=str(control.runner.out.resolve()),
+        finished=control.finished,
+    )
+    run = control.current
+    if run is not None:
+        reply.segment_id = run.segment_id
+        reply.mode = pb.TRAINING_MODE_NPO if run.spec.npo else pb.TRAINING_MODE_GRPO
+        reply.guide_step = run.spec.guide_step if run.spec.npo else -1
+        reply.segment_end_step = run.spec.end_step
+    return reply
+
+
+@contextlib.contextmanager
+def precondition(context: grpc.ServicerContext) -> Iterator[None]:
+    """Answer LearnerBusy with FAILED_PRECONDITION and its message."""
+    try:
+        yield
+    except LearnerBusy as exc:
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+
+
+def _remaining(context: grpc.ServicerContext) -> float | None:
+    """Seconds left before the call's deadline, minus a margin for the answer; None without a deadline."""
+    left = context.time_remaining()
+    return None if left is None else max(0.0, left - 0.5)
+
+
+class LearnerServicer(pb_grpc.LearnerServiceServicer):
+    """npo.v1.LearnerService on a LearnerControl."""
+
+    def __init__(self, control: LearnerControl) -> None:
+        self.control = control
+
+    def RunSegment(self, request: pb.RunSegmentRequest, context: grpc.ServicerContext) -> pb.RunSegmentResponse:
+        spec = segment_spec_from_request(request)
+        with precondition(context):
+            run = self.control.run_segment(spec)
+        return pb.RunSegmentResponse(segment_id=run.segment_id, end_step=run.spec.end_step)
+
+    def Rollback(self, request: pb.RollbackRequest, context: grpc.ServicerContext) -> pb.RollbackResponse:
+        with precondition(context):
+            return pb.RollbackResponse(step=self.control.rollback(request.to_step))
+
+    def SaveCheckpoint(
+        self, request: pb.SaveCheckpointRequest, context: grpc.ServicerContext
+    ) -> pb.SaveCheckpointResponse:
+        with precondition(context):
+            step = self.control.save_checkpoint()
+        return pb.SaveCheckpointResponse(checkpoint=checkpoint_info(self.control.runner, step))
+
+    def ListCheckpoints(
+        self, request: pb.ListCheckpointsRequest, context: grpc.ServicerContext
+    ) -> pb.ListCheckpointsResponse:
+        runner = self.control.runner
+        return pb.ListCheckpointsResponse(checkpoints=[checkpoint_info(runner, s) for s in runner.ckpt.steps()])
+
+    def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusResponse:
+        return status_reply(self.control)
+
+    def Pause(self, request: pb.PauseRequest, context: grpc.ServicerContext) -> pb.PauseResponse:
+        state = self.control.pause(_remaining(context))
+        return pb.PauseResponse(state=_STATES[state], step=self.control.runner.step)
+
+    def Resume(self, request: pb.ResumeRequest, context: grpc.ServicerContext) -> pb.ResumeResponse:
+        state = self.control.resume()
+        return pb.ResumeResponse(state=_STATES[state], step=self.control.runner.step)
+
+
+def serve(
+    runner: Runner,
+    address: str = "127.0.0.1:0",
+    *,
+    max_workers: int = 8,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+) -> tuple[grpc.Server, int]:
+    """Start LearnerService on `runner` at `address` (port 0: a free one), with grpc.health.v1 reporting SERVING.
+    Returns the started server and its port; stop it with `server.stop(grace)` (pause a running segment first)."""
+    server = make_server(max_workers=max_workers, max_message_bytes=max_message_bytes)
+    pb_grpc.add_LearnerServiceServicer_to_server(LearnerServicer(LearnerControl(runner)), server)
+    add_health(server, [SERVICE_NAME])
+    port = bind(server, address)
+    server.start()
+    return server, port
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line of `python -m services.learner` (see --help)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m services.learner", description="Serve the learner (npo.v1.LearnerService) of one run."
+    )
+    parser.add_argument("--config", help="YAML run config (see configs/)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value"
+    )
+    parser.add_argument("--out", required=True, help="run folder (checkpoints, metrics.jsonl)")
+    parser.add_argument("--address", default="127.0.0.1:50053", help="host:port to listen on (port 0: a free one)")
+    parser.add_argument(
+        "--rollout",
+        default="",
+        metavar="HOST:PORT[,HOST:PORT...]",
+        help="rollout replicas to sample with (weights are published to them after every change); "
+        "empty: an in-process transformers engine",
+    )
+    parser.add_argument(
+        "--cache", default="", metavar="HOST:PORT", help="guidance cache service; empty: the run config's cache.url"
+    )
+    parser.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (0: a free one)")
+    parser.add_argument("--metrics-address", default="127.0.0.1", help="address of the /metrics endpoint")
+    parser.add_argument("--max-message-mb", type=int, default=DEFAULT_MAX_MESSAGE_BYTES // 2**20)
+    parser.add_argument("--workers", type=int, default=8, help="threads serving calls")
+    return parser.parse_args(argv)
+
+
+def prepare_run_dir(runner: Runner) -> None:
+    """Write the run's config.yaml and start empty metrics.jsonl / interventions.jsonl (what Runner.train does)."""
+    import yaml
+
+    from npo.run_config import run_config_to_dict
+
+    (runner.out / "config.yaml").write_text(yaml.safe_dump(run_config_to_dict(runner.cfg), sort_keys=False))
+    for name in ("metrics.jsonl", "interventions.jsonl"):
+        (runner.out / name).write_text("")
+
+
+def remote_roles(
+    stack: contextlib.ExitStack, policy: Any, out: Path, rollout: str, cache: str, metrics: Any = None
+) -> dict[str, Any]:
+    """The Runner's keyword arguments for roles in other processes: `engine` + `publish` for the rollout replicas
+    at `rollout` (comma-separated host:port), `store` for the guidance cache service at `cache`; the clients are
+    closed by `stack`. Empty addresses give nothing (the in-process defaults)."""
+    roles: dict[str, Any] = {}
+    if rollout:
+        from services.learner.publish import WeightPublisher
+        from services.rollout.client import RolloutClient
+
+        addresses = [a.strip() for a in rollout.split(",") if a.strip()]
+        engine = stack.enter_context(RolloutClient(addresses))
+        roles["engine"] = engine
+        roles["publish"] = WeightPublisher(policy.model, engine, out / "published", metrics)
+    if cache:
+        from services.guidance_cache.client import GuidanceCacheClient
+
+        roles["store"] = stack.enter_context(GuidanceCacheClient(cache))
+    return roles
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Build the runner of the config (like `npo train`), serve it until SIGTERM or Ctrl-C; prints `serving on
+    HOST:PORT` once ready."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        import torch
+
+        from npo.run_config import load_run_config
+        from services.cli import build_learner, build_policy_and_task, open_store
+
+        cfg = load_run_config(args.config, args.overrides)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        policy, task = build_policy_and_task(cfg)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        with contextlib.ExitStack() as stack:
+            metrics = None
+            if args.metrics_port is not None:
+                from services.learner.prometheus import LearnerMetrics
+
+                metrics = LearnerMetrics(cfg.run_name or out.resolve().name)
+                metrics_port = metrics.serve(args.metrics_port, args.metrics_address)
+                stack.callback(metrics.stop)
+            roles = remote_roles(stack, policy, out, args.rollout, args.cache, metrics)
+            if "store" not in roles:
+                roles["store"] = stack.enter_context(open_store(cfg.cache.url, cfg.cache.prefix))
+            learner = build_learner(cfg, policy)
+            runner = Runner(cfg, out, policy=policy, task=task, learner=learner, progress=False, **roles)
+            if metrics is not None:
+                runner.after_step = metrics.after_step
+            prepare_run_dir(runner)
+            server, port = serve(
+                runner, args.address, max_workers=args.workers, max_message_bytes=args.max_message_mb * 2**20
+            )
+            signal.signal(signal.SIGTERM, lambda signum, frame: server.stop(grace=5.0))
+            host = args.address.rsplit(":", 1)[0]
+            if metrics is not None:
+                print(f"learner: metrics on http://{args.metrics_address}:{metrics_port}/metrics", flush=True)
+            print(f"learner: serving on {host}:{port} (run folder {runner.out})", flush=True)
+            try:
+                server.wait_for_termination()
+            except KeyboardInterrupt:
+                server.stop(grace=1.0).wait()
+            if not cfg.cache.url and not args.cache:
+                roles["store"].clear_run(runner.run)
+    except (ConfigError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

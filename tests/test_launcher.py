@@ -1,0 +1,99 @@
+"""`npo up` / `npo train --connect` / `npo down` as a user runs them: real processes on 127.0.0.1 ports."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from services.launcher import STATE_FILE, read_state
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = [
+    "--set", "train.steps=4", "--set", "train.prompts_per_step=8", "--set", "train.threads=1",
+    "--set", "eval.every=2", "--set", "eval.num_prompts=16", "--set", "checkpoint.every=2",
+    "--set", "method=npo", "--set", "npo.early={enabled: true, at_step: 0, delta: 2}",
+]  # fmt: skip
+
+
+def npo(*args, timeout=600):
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie child of nobody here is gone for our purpose
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_up_train_connect_down(tmp_path):
+    run = tmp_path / "svc"
+    up = npo("up", "--config", "configs/tiny.yaml", *SMALL, "--out", str(run), "--replicas", "2")
+    assert up.returncode == 0, up.stderr[-3000:]
+    try:
+        state = read_state(run)
+        assert [s.name for s in state] == ["guidance_cache", "rollout-0", "rollout-1", "learner"]
+        assert all(s.address.startswith("127.0.0.1:") and alive(s.pid) for s in state)
+        assert "learner" in up.stdout and "npo train --connect" in up.stdout
+        again = npo("up", "--config", "configs/tiny.yaml", "--out", str(run))
+        assert again.returncode == 2 and "already up" in again.stderr
+
+        train = npo("train", "--connect", str(run), "--no-progress")
+        assert train.returncode == 0, train.stderr[-3000:]
+        assert "report:" in train.stdout
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["segment"] for r in rows] == ["scout", "scout", "npo_replay", "npo_replay", "grpo", "grpo", "final"]
+        assert all(r["weight_sync_seconds"] > 0 for r in rows[:-1])  # the weights went to the replicas each step
+        assert (run / "report.md").is_file()
+        events = [json.loads(line)["event"] for line in (run / "interventions.jsonl").read_text().splitlines()]
+        assert events == ["scout_start", "guides", "rollback"]
+
+        finished = npo("train", "--connect", str(run), "--no-progress")
+        assert finished.returncode == 0 and "already finished" in finished.stdout
+        misuse = npo("train", "--connect", str(run), "--set", "train.steps=9")
+        assert misuse.returncode == 2 and "learner's run config applies" in misuse.stderr
+    finally:
+        down = npo("down", str(run))
+    assert down.returncode == 0 and "learner" in down.stdout
+    deadline = time.monotonic() + 10
+    while any(alive(s.pid) for s in state) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(s.pid) for s in state)
+    assert not (run / STATE_FILE).exists()
+
+
+def test_connect_and_down_without_services_are_clear_errors(tmp_path):
+    missing = npo("down", str(tmp_path))
+    assert missing.returncode == 2 and "nothing started there" in missing.stderr
+    bad = npo("train", "--connect", "not-an-address")
+    assert bad.returncode == 2 and "expected a folder of `npo up`" in bad.stderr
+    nobody = npo("train", "--connect", "127.0.0.1:9", "--no-progress")
+    assert nobody.returncode == 1 and "127.0.0.1:9" in nobody.stderr and "Traceback" not in nobody.stderr
+
+
+@pytest.mark.slow
+def test_a_service_that_fails_to_start_stops_the_others(tmp_path):
+    run = tmp_path / "bad"
+    # A Redis URL nobody answers on: the cache service exits; `up` reports its log and leaves nothing running.
+    failed = npo("up", "--config", "configs/tiny.yaml", "--set", "cache.url=redis://127.0.0.1:9/0", "--out", str(run))
+    assert failed.returncode == 1, failed.stderr[-2000:]
+    assert "guidance_cache exited" in failed.stderr and "Traceback" not in failed.stderr.split("its log")[0]
+    assert not (run / STATE_FILE).exists()
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(run / "service-config.yaml") not in ps
