@@ -111,8 +111,21 @@ def _answer_exception(exc: Exception, context: grpc.ServicerContext, method: str
     context.abort(code, message)
 
 
-def _wrap_unary_response(behavior: Callable, method: str) -> Callable:
+def _parse(raw: Any, deserializer: Callable | None, context: grpc.ServicerContext, method: str) -> Any:
+    """The request message of `raw` bytes; a request that does not parse is INVALID_ARGUMENT (gRPC itself would
+    answer INTERNAL)."""
+    if deserializer is None:
+        return raw
+    try:
+        return deserializer(raw)
+    except Exception as exc:  # noqa: BLE001 - google.protobuf.message.DecodeError and friends
+        detail = (str(exc).strip().splitlines() or [""])[0][:200]
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid message for {method} ({detail})")
+
+
+def _wrap_unary_response(behavior: Callable, method: str, deserializer: Callable | None = None) -> Callable:
     def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
+        request = _parse(request, deserializer, context, method)
         try:
             return behavior(request, context)
         except Exception as exc:
@@ -121,8 +134,9 @@ def _wrap_unary_response(behavior: Callable, method: str) -> Callable:
     return wrapped
 
 
-def _wrap_stream_response(behavior: Callable, method: str) -> Callable:
+def _wrap_stream_response(behavior: Callable, method: str, deserializer: Callable | None = None) -> Callable:
     def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
+        request = _parse(request, deserializer, context, method)
         try:
             yield from behavior(request, context)
         except Exception as exc:
@@ -145,12 +159,16 @@ class StatusInterceptor(grpc.ServerInterceptor):
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,
         }
+        # Unary requests arrive as bytes and are parsed inside the wrapper, so a malformed one gets INVALID_ARGUMENT.
+        raw = {"request_deserializer": None, "response_serializer": handler.response_serializer}
+        parse = handler.request_deserializer
         if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(_wrap_unary_response(handler.unary_unary, method), **codec)
+            return grpc.unary_unary_rpc_method_handler(_wrap_unary_response(handler.unary_unary, method, parse), **raw)
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(_wrap_unary_response(handler.stream_unary, method), **codec)
         if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(_wrap_stream_response(handler.unary_stream, method), **codec)
+            behavior = _wrap_stream_response(handler.unary_stream, method, parse)
+            return grpc.unary_stream_rpc_method_handler(behavior, **raw)
         return grpc.stream_stream_rpc_method_handler(_wrap_stream_response(handler.stream_stream, method), **codec)
 
 
