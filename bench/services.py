@@ -117,6 +117,38 @@ def bench_get_guides(work: Path, prompts: int = 256, calls: int = 300, tokens: i
     }
 
 
+def bench_vllm(config: str, overrides: list[str], vllm_python: Path, work: Path) -> dict[str, float]:
+    """Tokens/s of a vLLM rollout server over a transformers rollout server: same config (model), same batch of
+    64 prompts x 8 samples x 16 new tokens (no EOS stop), same client; best of 3 after a warm-up."""
+    from npo.rollout import SamplingParams
+    from npo.run_config import load_run_config
+    from services.cli import build_policy_and_task
+    from services.launcher import Started, spawn, stop, wait_serving
+    from services.rollout.client import RolloutClient
+    from services.rollout.vllm_engine import rollout_tokens_per_second
+
+    cfg = load_run_config(config, overrides)
+    policy, task = build_policy_and_task(cfg)  # warms the model cache the servers read
+    prompts = [policy.encode_prompt(p) for p in task.train[:64]]
+    params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=16, stop_on_eos=False)
+    flags = ["--config", config, *[x for o in overrides for x in ("--set", o)], "--address", "127.0.0.1:0"]
+    out = {}
+    for name, python, engine in (("transformers", sys.executable, "transformers"), ("vllm", vllm_python, "vllm")):
+        argv = [str(python), "-m", "services.rollout", *flags, "--engine", engine]
+        proc, log = spawn(f"rollout-{name}", argv, work)
+        try:
+            address, _ = wait_serving(name, proc, log, time.monotonic() + 300)
+            with RolloutClient(address) as client:
+                out[name] = rollout_tokens_per_second(client, prompts, 8, params, repeats=3)["tokens_per_s"]
+        finally:
+            stop([Started(name, proc.pid, "", str(log))])
+    return {
+        "transformers_tokens_per_s": out["transformers"],
+        "vllm_tokens_per_s": out["vllm"],
+        "vllm_over_transformers": out["vllm"] / out["transformers"],
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/tiny.yaml")
@@ -137,9 +169,11 @@ def main() -> int:
         if "guides" not in skip:
             results.update(bench_get_guides(work))
         if "vllm" not in skip:
-            from bench.vllm_speed import bench_vllm
-
-            results.update(bench_vllm(work))
+            vllm_python = ROOT / ".venv-vllm" / "bin" / "python"
+            if vllm_python.exists():
+                results.update(bench_vllm(args.config, args.overrides, vllm_python, work))
+            else:
+                print("vllm: skipped (no .venv-vllm; `make vllm` creates it)")
     goals = {"service_over_embedded": "<= 1.15", "publish_over_step": "<= 0.10", "get_guides_p99_ms": "< 5"}
     print(f"{'measure':28s} {'value':>10s}  goal")
     for key, value in results.items():

@@ -12,7 +12,7 @@ Everything is loaded from local files; nothing is ever downloaded from a hub.
 Every cached folder loads with plain `AutoModelForCausalLM.from_pretrained(folder)` and
 `AutoTokenizer.from_pretrained(folder)`.
 
-    policy = load_policy(ModelConfig(), seed=0, warmup_pairs=[("1+2=", "3")], alphabet="0123456789+-=")
+    policy = load_policy(ModelConfig(), seed=0, warmup_pairs=[("1+2=", "3")], alphabet="0123456789+-=", device="auto")
     prompt_ids = policy.encode_prompt(problem)  # [bos] + chars of problem.compact_prompt
 """
 
@@ -51,6 +51,8 @@ TINY = "tiny"
 SMOLLM2 = "smollm2-135m"
 PRESETS = (TINY, SMOLLM2)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DEVICES = ("auto", "cpu", "cuda")
+"""Valid values of train.device: "auto" is cuda when torch.cuda.is_available(), else cpu."""
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
@@ -504,23 +506,52 @@ def convert_smollm2(cfg: ModelConfig) -> Path:
     return folder
 
 
+def resolve_device(name: str | torch.device) -> torch.device:
+    """The torch device of a train.device value: "auto" -> cuda when torch.cuda.is_available() else cpu; "cpu";
+    "cuda" (the current CUDA device). A torch.device is returned as it is.
+
+    Raises ConfigError naming train.device for any other value, and for "cuda" when torch sees no usable GPU.
+    """
+    if isinstance(name, torch.device):
+        return name
+    if name not in DEVICES:
+        raise ConfigError(f"train.device: must be one of {list(DEVICES)}, got {name!r}")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"train.device: 'cuda' but torch.cuda.is_available() is False (torch {torch.__version__}, "
+            f"CUDA build {torch.version.cuda or 'none'}); use 'auto' or 'cpu' on a machine without a GPU"
+        )
+    return torch.device(name)
+
+
 def load_policy(
     cfg: ModelConfig,
     *,
     seed: int,
     warmup_pairs: Sequence[tuple[str, str]] | None = None,
     alphabet: str | None = None,
+    device: str | torch.device = "cpu",
 ) -> Policy:
-    """The policy named by cfg.preset, in eval mode, with parameters in cfg.dtype.
+    """The policy named by cfg.preset, in eval mode, with parameters in cfg.dtype on `device`.
 
     tiny: character tokenizer over `alphabet`, init from `seed`, warm-up on `warmup_pairs` ((compact_prompt,
     solution) pairs; none = no warm-up); the warmed folder is cached under cfg.cache_dir, so a second call with the
-    same settings loads it. smollm2-135m and local folders: pretrained weights; `seed`, `warmup_pairs` and
+    same settings loads it. The warm-up always runs on the CPU in float32, so the cached weights are the same
+    whatever `device` is. smollm2-135m and local folders: pretrained weights; `seed`, `warmup_pairs` and
     `alphabet` are not used.
+
+    `device`: a train.device value ("auto", "cpu", "cuda"; see resolve_device) or a torch.device. The model is
+    loaded on the CPU and then moved there.
     """
     cfg.validate()
+    target = resolve_device(device)
     if cfg.preset == TINY:
-        return _load_tiny(cfg, seed, warmup_pairs, alphabet)
-    if cfg.preset == SMOLLM2:
-        return _load_folder(convert_smollm2(cfg), cfg.dtype, PolicyKind.CHAT)
-    return _load_folder(Path(cfg.preset).expanduser(), cfg.dtype)
+        policy = _load_tiny(cfg, seed, warmup_pairs, alphabet)
+    elif cfg.preset == SMOLLM2:
+        policy = _load_folder(convert_smollm2(cfg), cfg.dtype, PolicyKind.CHAT)
+    else:
+        policy = _load_folder(Path(cfg.preset).expanduser(), cfg.dtype)
+    policy.model.to(target)
+    return policy

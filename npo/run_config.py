@@ -31,7 +31,7 @@ from npo.config import (
     load_yaml,
     to_dict,
 )
-from npo.models import ModelConfig
+from npo.models import ModelConfig, resolve_device
 from npo.rollout import SamplingParams
 from npo.tasks import TaskConfig
 
@@ -58,6 +58,11 @@ class TrainConfig:
     """Training precision: float32 or bfloat16 (autocast; master weights stay float32)."""
     threads: int = 0
     """torch CPU threads (0 = leave torch's default)."""
+    device: str = "auto"
+    """Where the policy trains and samples: "auto" (cuda when torch.cuda.is_available(), else cpu), "cpu" or
+    "cuda" (an error when torch sees no GPU). The rollout engine and the learner use the policy's device; the
+    deepspeed engine picks its accelerator (NCCL on CUDA, gloo on the CPU) from it. Bit-reproducibility across
+    runs is promised on the CPU only."""
     engine: str = "torch"
     """Learner engine: "torch" (embedded default) or "deepspeed" (services/learner; needs the `deepspeed` extra)."""
     zero_stage: int = 2
@@ -173,6 +178,7 @@ class RunConfig:
             raise ConfigError(f"train.zero_stage: must be 0, 1 or 2 (stage 3 is not supported), got {t.zero_stage}")
         if t.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"train.dtype: must be 'float32' or 'bfloat16', got {t.dtype!r}")
+        resolve_device(t.device)  # ConfigError naming train.device: unknown value, or "cuda" without a GPU
         _check_range("rollout.temperature", self.rollout.temperature, 1e-3)
         _check_range("rollout.top_p", self.rollout.top_p, 1e-6, 1.0)
         _check_range("rollout.max_new_tokens", self.rollout.max_new_tokens, 1)

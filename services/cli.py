@@ -47,7 +47,9 @@ def build_policy_and_task(cfg):
 
     task = load_task(cfg.task)
     pairs = [(p.compact_prompt, p.solution) for p in task.train if p.compact_prompt and p.solution]
-    policy = load_policy(cfg.model, seed=cfg.seed, warmup_pairs=pairs, alphabet=COMPACT_ALPHABET)
+    policy = load_policy(
+        cfg.model, seed=cfg.seed, warmup_pairs=pairs, alphabet=COMPACT_ALPHABET, device=cfg.train.device
+    )
     return policy, task
 
 
@@ -57,9 +59,10 @@ def build_learner(cfg, policy):
         return None
     import os
 
+    from npo.models import resolve_device
     from npo.runner import learner_kwargs
 
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda_available() else "cuda")
+    os.environ.setdefault("DS_ACCELERATOR", resolve_device(cfg.train.device).type)
     try:
         from services.learner.deepspeed_engine import DeepSpeedLearner
     except ImportError as exc:
@@ -68,12 +71,6 @@ def build_learner(cfg, policy):
             "DS_BUILD_OPS=0 pip install -e '.[deepspeed]'"
         ) from None
     return DeepSpeedLearner(policy.model, **learner_kwargs(cfg, policy.pad_id), zero_stage=cfg.train.zero_stage)
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def train(

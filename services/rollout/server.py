@@ -445,7 +445,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line of `python -m services.rollout` (see --help)."""
     parser = argparse.ArgumentParser(
         prog="python -m services.rollout",
-        description="Serve rollouts (npo.v1.RolloutService) of a run config's policy with the transformers engine.",
+        description="Serve rollouts (npo.v1.RolloutService) of a run config's policy (transformers or vLLM engine).",
     )
     parser.add_argument("--config", required=True, help="YAML run config: its model, task and seed give the policy")
     parser.add_argument(
@@ -457,7 +457,38 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--max-message-mb", type=int, default=DEFAULT_MAX_MESSAGE_BYTES // 2**20)
     parser.add_argument("--workers", type=int, default=4, help="threads serving calls (the model runs one at a time)")
+    parser.add_argument(
+        "--engine",
+        choices=["transformers", "vllm"],
+        default="transformers",
+        help="rollout engine: transformers (embedded) or vllm (services.rollout.vllm_engine; needs the vllm "
+        "environment of scripts/setup_vllm_venv.sh)",
+    )
     return parser.parse_args(argv)
+
+
+def serve_vllm_policy(policy, task, dtype: str, args: argparse.Namespace) -> tuple[grpc.Server, int]:
+    """Serve `policy` with the vLLM engine (--engine vllm): the policy is written as an HF folder into a temporary
+    directory (removed at exit), which vLLM loads."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from npo.models import save_policy
+    from services.rollout.vllm_engine import VLLMEngine, serve_vllm
+
+    folder = Path(tempfile.mkdtemp(prefix="npo-vllm-policy-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    save_policy(policy, folder)
+    engine = VLLMEngine(folder, eos_id=policy.eos_id, dtype=dtype)
+    return serve_vllm(
+        engine,
+        policy.tokenizer,
+        task,
+        args.address,
+        max_workers=args.workers,
+        max_message_bytes=args.max_message_mb * 2**20,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -475,18 +506,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         policy, task = build_policy_and_task(cfg)
-        engine = TransformersEngine(
-            policy.model, eos_id=policy.eos_id, pad_id=policy.pad_id, batch_size=args.batch_size
-        )
-        server, port = serve(
-            engine,
-            policy.tokenizer,
-            task,
-            args.address,
-            max_scorers=args.max_scorers,
-            max_workers=args.workers,
-            max_message_bytes=args.max_message_mb * 2**20,
-        )
+        if args.engine == "vllm":
+            server, port = serve_vllm_policy(policy, task, cfg.model.dtype, args)
+        else:
+            engine = TransformersEngine(
+                policy.model, eos_id=policy.eos_id, pad_id=policy.pad_id, batch_size=args.batch_size
+            )
+            server, port = serve(
+                engine,
+                policy.tokenizer,
+                task,
+                args.address,
+                max_scorers=args.max_scorers,
+                max_workers=args.workers,
+                max_message_bytes=args.max_message_mb * 2**20,
+            )
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
