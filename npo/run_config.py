@@ -106,6 +106,26 @@ class CacheConfig:
 
 
 @dataclass
+class PrometheusConfig:
+    """Where the controller reads the run's metrics."""
+
+    url: str = ""
+    """Prometheus server (http://host:9090) queried with PromQL; empty = scrape the learner's /metrics directly."""
+
+
+@dataclass
+class ControllerConfig:
+    """The AutoNPO controller service (services/controller)."""
+
+    poll_seconds: float = 1.0
+    """Seconds between two reads of the metrics (each new step is fed to the AutoNPO trigger)."""
+    stale_after_seconds: float = 60.0
+    """Metrics older than this are reported stale and not used (Prometheus source)."""
+    autonpo: bool = True
+    """Run AutoNPO from the controller when method=autonpo (the learner then trains with method=grpo)."""
+
+
+@dataclass
 class InterventionConfig:
     """One manual NPO intervention (docs/npo-method.md section 3)."""
 
@@ -161,6 +181,10 @@ class RunConfig:
     """Checkpointing."""
     cache: CacheConfig = field(default_factory=CacheConfig)
     """Guidance cache."""
+    prometheus: PrometheusConfig = field(default_factory=PrometheusConfig)
+    """Prometheus server the controller reads."""
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    """The controller service."""
 
     def validate(self) -> None:
         t = self.train
@@ -188,6 +212,10 @@ class RunConfig:
         _check_range("checkpoint.every", self.checkpoint.every, 1)
         _check_range("checkpoint.keep_last", self.checkpoint.keep_last, 0)
         _check_range("npo.guide_samples", self.npo.guide_samples, 1)
+        _check_range("controller.poll_seconds", self.controller.poll_seconds, 0.01)
+        _check_range("controller.stale_after_seconds", self.controller.stale_after_seconds, 0.0)
+        if self.prometheus.url and not self.prometheus.url.startswith(("http://", "https://")):
+            raise ConfigError(f"prometheus.url: expected an http(s):// URL, got {self.prometheus.url!r}")
         for name in ("early", "late"):
             iv: InterventionConfig = getattr(self.npo, name)
             _check_range(f"npo.{name}.at_step", iv.at_step, 0)

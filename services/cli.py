@@ -4,6 +4,10 @@
     npo train   --connect DIR|HOST:PORT               drive the run of services started by `npo up`
     npo up      --config FILE --out DIR [--replicas N] guidance cache, rollout replicas and learner as processes
     npo down    DIR                                   stop what `npo up` started
+    npo restart DIR SERVICE                           restart one service with its recorded command
+    npo status  [DIR|URL]                             the controller's view: step, reward, entropy, interventions
+    npo intervene early|plateau|rollback ... [DIR|URL] a manual intervention through the controller's REST API
+    npo autonpo on|off [--set k=v ...] [DIR|URL]      switch AutoNPO in the controller (with autonpo overrides)
     npo demo    --config FILE [--out DIR]            GRPO and AutoNPO side by side, same seed, then a comparison
     npo compare DIR [DIR ...] [--out DIR]           table + overlay plots
     npo analyze DIR [--deltas 0,10,20,40]           Q(Delta), V(Delta), S(Delta) across a run's checkpoints
@@ -139,6 +143,73 @@ def connect(args: argparse.Namespace) -> Path:
     return run_dir
 
 
+def format_status(status: dict, recent: list[dict]) -> str:
+    """`npo status` as text: metrics (or why they are missing), learner, AutoNPO, recent interventions."""
+    import json
+
+    metrics = status["metrics"]
+    if metrics.get("ok"):
+        shown = f"step {status['step']}, reward {status['reward']:.4f}, entropy {status['entropy']:.4f}"
+    else:
+        shown = f"missing ({metrics.get('error', '')})"
+    learner, auto = status["learner"], status["autonpo"]
+    lines = [
+        f"metrics: {shown} [{metrics.get('source', '')}]",
+        f"learner: {learner['state']} at step {learner['step']}/{learner['run_steps']}, "
+        f"segment {learner['segment_id'] or '-'} ({learner['mode'] or '-'})",
+        f"autonpo: {'on' if auto['enabled'] else 'off'}, cool-down until step {auto['cooldown_until']}",
+        f"running intervention: {status['running_intervention'] or 'none'}",
+    ]
+    lines += [f"  {iv['id']}  {iv['kind']:22s} {iv['state']:10s} {json.dumps(iv['outcome'])[:80]}" for iv in recent]
+    return "\n".join(lines)
+
+
+def controller_command(args: argparse.Namespace) -> int:
+    """`npo status`, `npo intervene ...`, `npo autonpo on|off`: thin clients of the controller's REST API."""
+    import json
+
+    import yaml
+
+    from services.controller.client import ControllerClient, ControllerError
+
+    with ControllerClient.for_target(args.target) as client:
+        try:
+            if args.command == "status":
+                status = client.status()
+                recent = client.interventions(limit=10)
+                if args.json:
+                    print(json.dumps({"status": status, "interventions": recent}, indent=2))
+                    return 0
+                print(format_status(status, recent))
+                return 0
+            if args.command == "autonpo":
+                overrides = {}
+                for item in args.overrides:
+                    key, sep, value = item.partition("=")
+                    if not sep:
+                        raise ConfigError(f"--set: expected KEY=VALUE, got {item!r}")
+                    overrides[key.removeprefix("autonpo.")] = yaml.safe_load(value)
+                print(yaml.safe_dump(client.set_autonpo(args.switch == "on", overrides), sort_keys=False), end="")
+                return 0
+            if args.kind == "early":
+                record = client.early_bootstrap(args.scout_steps)
+            elif args.kind == "plateau":
+                record = client.plateau_breakthrough(args.start, args.lookahead)
+            else:
+                record = client.rollback(args.step)
+            print(f"started {record['id']} ({record['kind']})")
+            while args.wait and record["state"] == "running":
+                time.sleep(1.0)
+                record = client.intervention(record["id"])
+            if args.wait:
+                print(json.dumps(record, indent=2))
+                return 0 if record["state"] == "succeeded" else 1
+            return 0
+        except ControllerError as exc:
+            print(f"npo: controller: {exc}", file=sys.stderr)
+            return 2 if 400 <= exc.status_code < 500 else 1
+
+
 def demo(config: str | None, overrides: list[str], out: str) -> None:
     from npo.report import compare_runs
 
@@ -185,10 +256,44 @@ def main(argv: list[str] | None = None) -> int:
     p_up.add_argument("--host", default="127.0.0.1", help="address every service listens on")
     p_up.add_argument("--learner-port", type=int, default=0, help="the learner's gRPC port (0: a free one)")
     p_up.add_argument("--metrics-port", type=int, default=0, help="the learner's /metrics port (0: a free one)")
+    p_up.add_argument("--api-port", type=int, default=0, help="the controller's REST API port (0: a free one)")
+    p_up.add_argument("--no-controller", action="store_true", help="start no controller (AutoNPO then runs inside "
+                      "the learner when method=autonpo)")  # fmt: skip
+    p_up.add_argument("--prometheus", action="store_true", help="also start a Prometheus server (needs the "
+                      "`prometheus` binary) and let the controller read the metrics from it with PromQL")  # fmt: skip
     p_up.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for every service to be healthy")
 
     p_down = sub.add_parser("down", help="stop the services `npo up` started in a run folder")
     p_down.add_argument("run", help="the run folder given to `npo up --out`")
+
+    p_restart = sub.add_parser("restart", help="restart one service of `npo up` with its recorded command")
+    p_restart.add_argument("run", help="the run folder given to `npo up --out`")
+    p_restart.add_argument("service", help="controller, prometheus, ... (see services.json)")
+
+    target_help = "the folder of `npo up` or the controller's http://host:port (default: runs/svc)"
+    p_status = sub.add_parser("status", help="the controller's status and its recent interventions")
+    p_status.add_argument("target", nargs="?", default="runs/svc", help=target_help)
+    p_status.add_argument("--json", action="store_true", help="print the raw JSON")
+
+    p_iv = sub.add_parser("intervene", help="start a manual intervention through the controller")
+    iv_sub = p_iv.add_subparsers(dest="kind", required=True)
+    p_early = iv_sub.add_parser("early", help="early bootstrap: scout ahead, roll back, replay with guidance")
+    p_early.add_argument("--scout-steps", type=int, required=True)
+    p_plateau = iv_sub.add_parser("plateau", help="plateau breakthrough from plateau_start with a lookahead")
+    p_plateau.add_argument("--start", type=int, required=True, help="plateau_start t_p")
+    p_plateau.add_argument("--lookahead", type=int, required=True, help="lookahead_steps Delta")
+    p_rb = iv_sub.add_parser("rollback", help="roll back to a checkpoint and continue from there")
+    p_rb.add_argument("--step", type=int, required=True)
+    for p in (p_early, p_plateau, p_rb):
+        p.add_argument("target", nargs="?", default="runs/svc", help=target_help)
+        p.add_argument("--wait", action="store_true", help="wait until the intervention ends and print its record")
+
+    p_auto = sub.add_parser("autonpo", help="switch AutoNPO on or off in the controller")
+    p_auto.add_argument("switch", choices=["on", "off"])
+    p_auto.add_argument("target", nargs="?", default="runs/svc", help=target_help)
+    p_auto.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="autonpo.KEY override"
+    )
 
     p_demo = sub.add_parser("demo", help="GRPO and AutoNPO side by side on the same seed, then compare")
     p_demo.add_argument("--config", default="configs/demo.yaml")
@@ -226,12 +331,23 @@ def main(argv: list[str] | None = None) -> int:
                 host=args.host,
                 learner_port=args.learner_port,
                 metrics_port=args.metrics_port,
+                api_port=args.api_port,
+                controller=not args.no_controller,
+                prometheus=args.prometheus,
                 timeout_s=args.timeout,
             )
             for entry in started:
-                extra = f"  metrics {entry.metrics_url}" if entry.metrics_url else ""
+                label = "metrics" if entry.name == "learner" else "url"
+                extra = f"  {label} {entry.metrics_url}" if entry.metrics_url else ""
                 print(f"{entry.name:16s} {entry.address:22s} pid {entry.pid:<8d} log {entry.log}{extra}")
             print(f"up. next: npo train --connect {args.out}; stop with: npo down {args.out}")
+        elif args.command in ("status", "intervene", "autonpo"):
+            return controller_command(args)
+        elif args.command == "restart":
+            from services.launcher import restart
+
+            entry = restart(args.run, args.service)
+            print(f"{entry.name} restarted: {entry.address} pid {entry.pid}")
         elif args.command == "down":
             from services.launcher import down
 
@@ -288,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"npo: {exc}", file=sys.stderr)
         return 1
     except RuntimeError as exc:
-        if args.command not in ("up", "down") and not getattr(args, "connect", None):
+        service_commands = ("up", "down", "restart", "status", "intervene", "autonpo")
+        if args.command not in service_commands and not getattr(args, "connect", None):
             raise
         print(f"npo: {exc}", file=sys.stderr)  # a service that failed to start, a failed or refused segment
         return 1

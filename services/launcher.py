@@ -16,15 +16,21 @@ The learner's run folder is DIR itself (checkpoints/, metrics.jsonl, interventio
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import secrets
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import grpc
@@ -34,10 +40,14 @@ from npo.config import ConfigError
 
 STATE_FILE = "services.json"
 """What `npo up` started, in the run folder."""
+TOKEN_FILE = "api-token"
+"""The controller's API token written by `npo up` (mode 0600)."""
 CONFIG_FILE = "service-config.yaml"
 """The resolved run config every process of `npo up` reads."""
 SERVING = re.compile(r"serving on (\S+:\d+)")
 """The line each service prints once it listens."""
+IDLE_GRACE_S = 5.0
+"""`npo train --connect` continues the main line itself when the learner stays idle this long before the end."""
 METRICS = re.compile(r"metrics on (http://\S+/metrics)")
 """The learner's line naming its /metrics endpoint."""
 
@@ -55,7 +65,9 @@ class Started:
     log: str
     """Its log file (stdout and stderr)."""
     metrics_url: str = ""
-    """Its Prometheus endpoint, when it has one."""
+    """Its HTTP endpoint, when it has one (the learner's /metrics, Prometheus, the controller's API)."""
+    argv: list[str] = field(default_factory=list)
+    """The command that started it (`npo restart` runs it again)."""
 
 
 def _log_tail(path: Path, lines: int = 15) -> str:
@@ -109,6 +121,58 @@ def wait_healthy(address: str, deadline: float) -> None:
             time.sleep(0.1)
 
 
+def wait_http(url: str, deadline: float) -> None:
+    """Wait until `url` answers 200 (RuntimeError at the deadline)."""
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2.0) as reply:  # noqa: S310 - our own loopback URL
+                if reply.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url}: not answering in time")
+        time.sleep(0.1)
+
+
+def api_token_file(run_dir: Path) -> Path:
+    """The controller's API token: NPO_API_TOKEN when set, else a random one; written to run_dir/api-token (mode
+    0600), where `npo status` / `npo intervene` find it."""
+    path = run_dir / TOKEN_FILE
+    token = os.environ.get("NPO_API_TOKEN") or (path.read_text().strip() if path.exists() else "")
+    token = token or secrets.token_urlsafe(24)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return path
+
+
+def start_prometheus(run_dir: Path, host: str, metrics_url: str, logs: Path, deadline: float) -> Started:
+    """A Prometheus server scraping the learner every second (config and data under run_dir/prometheus)."""
+    folder = run_dir / "prometheus"
+    folder.mkdir(exist_ok=True)
+    target = urllib.parse.urlparse(metrics_url).netloc
+    config = folder / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        "scrape_configs:\n"
+        f"  - job_name: npo-learner\n    static_configs: [{{targets: ['{target}']}}]\n"
+    )
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        port = probe.getsockname()[1]
+    argv = [shutil.which("prometheus") or "prometheus", f"--config.file={config}",
+            f"--storage.tsdb.path={folder / 'data'}", f"--web.listen-address={host}:{port}"]  # fmt: skip
+    proc, log = spawn("prometheus", argv, logs)
+    entry = Started("prometheus", proc.pid, f"{host}:{port}", str(log), f"http://{host}:{port}", argv)
+    try:
+        wait_http(f"http://{host}:{port}/-/ready", deadline)
+    except RuntimeError:
+        stop([entry])
+        raise RuntimeError(f"prometheus did not start; its log ({log}):\n{_log_tail(log)}") from None
+    return entry
+
+
 def read_state(run_dir: str | os.PathLike) -> list[Started]:
     """The processes recorded by `npo up` in run_dir (FileNotFoundError when there are none)."""
     path = Path(run_dir) / STATE_FILE
@@ -127,7 +191,8 @@ def _alive(pid: int) -> bool:
     cmdline = Path(f"/proc/{pid}/cmdline")
     if cmdline.exists():  # a reused pid is not ours to stop
         try:
-            return b"services." in cmdline.read_bytes()
+            data = cmdline.read_bytes()
+            return b"services." in data or b"prometheus" in data
         except OSError:
             return False
     return True
@@ -178,9 +243,12 @@ def up(
     host: str = "127.0.0.1",
     learner_port: int = 0,
     metrics_port: int = 0,
+    api_port: int = 0,
+    controller: bool = True,
+    prometheus: bool = False,
     timeout_s: float = 300.0,
 ) -> list[Started]:
-    """Start the run's services (see the module docstring); returns what was started, learner last."""
+    """Start the run's services (see the module docstring); returns what was started, in start order."""
     from npo.run_config import load_run_config, run_config_to_dict
     from services.cli import build_policy_and_task
 
@@ -192,6 +260,8 @@ def up(
         if running:
             raise ConfigError(f"{run_dir}: services already up ({', '.join(running)}); `npo down {run_dir}` first")
     cfg = load_run_config(config, overrides)
+    if prometheus and not shutil.which("prometheus"):
+        raise ConfigError("--prometheus: no `prometheus` binary on PATH (Debian: apt-get install prometheus)")
     run_dir.mkdir(parents=True, exist_ok=True)
     logs = run_dir / "logs"
     logs.mkdir(exist_ok=True)
@@ -215,18 +285,40 @@ def up(
         spawned += [Started(name, proc.pid, "", str(log)) for name, (proc, log) in procs.items()]
         for name, (proc, log) in procs.items():
             address, _ = wait_serving(name, proc, log, deadline)
-            started.append(Started(name, proc.pid, address, str(log)))
+            started.append(Started(name, proc.pid, address, str(log), argv=first[name]))
         rollout = ",".join(s.address for s in started if s.name.startswith("rollout-"))
         cache = next(s.address for s in started if s.name == "guidance_cache")
-        learner_argv = [python, "-m", "services.learner", *conf, "--out", str(run_dir)]
+        # With the controller running AutoNPO, the learner trains the plain main line it intervenes on.
+        controller_autonpo = controller and cfg.method.value == "autonpo" and cfg.controller.autonpo
+        learner_conf = [*conf, "--set", "method=grpo"] if controller_autonpo else conf
+        learner_argv = [python, "-m", "services.learner", *learner_conf, "--out", str(run_dir)]
         learner_argv += ["--address", f"{host}:{learner_port}", "--rollout", rollout, "--cache", cache]
         learner_argv += ["--metrics-port", str(metrics_port), "--metrics-address", host]
         proc, log = spawn("learner", learner_argv, logs)
         spawned.append(Started("learner", proc.pid, "", str(log)))
         address, metrics_url = wait_serving("learner", proc, log, deadline)
-        started.append(Started("learner", proc.pid, address, str(log), metrics_url))
+        started.append(Started("learner", proc.pid, address, str(log), metrics_url, learner_argv))
         for entry in started:
             wait_healthy(entry.address, deadline)
+        prometheus_url = ""
+        if prometheus:
+            entry = start_prometheus(run_dir, host, metrics_url, logs, deadline)
+            spawned.append(entry)
+            started.append(entry)
+            prometheus_url = f"http://{entry.address}"
+        if controller:
+            token_file = api_token_file(run_dir)
+            controller_argv = [python, "-m", "services.controller", *conf, "--learner", address]
+            controller_argv += ["--rollout", rollout, "--cache", cache, "--metrics-url", metrics_url]
+            controller_argv += ["--state", str(run_dir / "controller"), "--address", f"{host}:{api_port}"]
+            controller_argv += ["--token-file", str(token_file)]
+            if prometheus_url:
+                controller_argv += ["--set", f"prometheus.url={prometheus_url}"]
+            proc, log = spawn("controller", controller_argv, logs)
+            spawned.append(Started("controller", proc.pid, "", str(log)))
+            api, _ = wait_serving("controller", proc, log, deadline)
+            started.append(Started("controller", proc.pid, api, str(log), f"http://{api}", controller_argv))
+            wait_http(f"http://{api}/healthz", deadline)
     except BaseException:
         stop(list(reversed(spawned)))
         raise
@@ -243,6 +335,33 @@ def down(run_dir: str | os.PathLike, timeout_s: float = 15.0) -> list[str]:
     return stopped
 
 
+def restart(run_dir: str | os.PathLike, name: str, timeout_s: float = 120.0) -> Started:
+    """Start service `name` of run_dir again with its recorded command (stopping it first if it still runs); the
+    other services keep running. A restarted service listens on a new port when it was given port 0 (the learner
+    and the controller keep theirs only when --learner-port / --api-port fixed them)."""
+    run_dir = Path(run_dir)
+    processes = read_state(run_dir)
+    entry = next((s for s in processes if s.name == name), None)
+    if entry is None:
+        raise ConfigError(f"{name}: not a service of {run_dir} (have: {', '.join(s.name for s in processes)})")
+    stop([entry])
+    proc, log = spawn(name, entry.argv, run_dir / "logs")
+    deadline = time.monotonic() + timeout_s
+    if name == "prometheus":
+        wait_http(f"{entry.metrics_url}/-/ready", deadline)
+        fresh = Started(name, proc.pid, entry.address, str(log), entry.metrics_url, entry.argv)
+    else:
+        address, url = wait_serving(name, proc, log, deadline)
+        url = f"http://{address}" if name == "controller" else url
+        fresh = Started(name, proc.pid, address, str(log), url, entry.argv)
+        if name == "controller":
+            wait_http(f"{url}/healthz", deadline)
+    state = json.loads((run_dir / STATE_FILE).read_text())
+    state["services"] = [asdict(fresh) if s["name"] == name else s for s in state["services"]]
+    (run_dir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+    return fresh
+
+
 def learner_address(target: str) -> str:
     """The learner's host:port from `target`: a folder of `npo up`, or host:port itself."""
     if Path(target).is_dir():
@@ -256,7 +375,7 @@ def train_connected(target: str, *, progress: bool = True, timeout_s: float = 7 
     """Drive the run of the learner at `target` to its end: one segment from its current step to train.steps (its
     config's interventions run inside), with a progress bar from Status. Ctrl-C pauses the learner (a checkpoint is
     saved; `npo train --connect` again continues). Returns the learner's run folder."""
-    from services.learner.client import LearnerClient
+    from services.learner.client import LearnerBusyError, LearnerClient
 
     address = learner_address(target)
     with LearnerClient(address, timeout_s=120.0) as learner:
@@ -266,17 +385,15 @@ def train_connected(target: str, *, progress: bool = True, timeout_s: float = 7 
             return status.run_dir
         if status.state == "paused":
             learner.resume()
-            segment = learner.status().segment_id
-        elif status.state == "running":
-            segment = status.segment_id
-        else:
-            segment = learner.run_segment(status.step, status.run_steps - status.step, "grpo").segment_id
+        elif status.state != "running":
+            learner.run_segment(status.step, status.run_steps - status.step, "grpo")
         bar = None
         if progress:
             from tqdm import tqdm
 
             bar = tqdm(total=status.run_steps, initial=status.step, desc=f"{status.run} @ {address}", unit="step")
         deadline = time.monotonic() + timeout_s
+        idle_since: float | None = None
         try:
             while True:
                 status = learner.status()
@@ -286,8 +403,15 @@ def train_connected(target: str, *, progress: bool = True, timeout_s: float = 7 
                         reward, entropy = status.metrics["reward_mean"], status.metrics.get("entropy", float("nan"))
                         bar.set_postfix(reward=f"{reward:.3f}", entropy=f"{entropy:.3f}", refresh=False)
                     bar.refresh()
-                if status.segment_id != segment or status.state != "running" or time.monotonic() > deadline:
+                if status.finished or status.state == "failed" or time.monotonic() > deadline:
                     break
+                # Idle before the end: a controller's intervention is between two commands, or it ended without
+                # continuing the main line. After a grace period, continue the main line here.
+                idle_since = (idle_since or time.monotonic()) if status.state == "idle" else None
+                if idle_since is not None and time.monotonic() - idle_since > IDLE_GRACE_S:
+                    with contextlib.suppress(LearnerBusyError):
+                        learner.run_segment(status.step, status.run_steps - status.step, "grpo")
+                    idle_since = None
                 time.sleep(0.5)
         except KeyboardInterrupt:
             state, step = learner.pause()
@@ -298,6 +422,6 @@ def train_connected(target: str, *, progress: bool = True, timeout_s: float = 7 
                 bar.close()
         if status.state == "failed":
             raise RuntimeError(f"the learner's segment failed: {status.error}")
-        if status.state == "running":
+        if not status.finished:
             raise TimeoutError(f"the run is still running after {timeout_s:g} s (step {status.step})")
         return status.run_dir

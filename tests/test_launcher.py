@@ -48,7 +48,7 @@ def test_up_train_connect_down(tmp_path):
     assert up.returncode == 0, up.stderr[-3000:]
     try:
         state = read_state(run)
-        assert [s.name for s in state] == ["guidance_cache", "rollout-0", "rollout-1", "learner"]
+        assert [s.name for s in state] == ["guidance_cache", "rollout-0", "rollout-1", "learner", "controller"]
         assert all(s.address.startswith("127.0.0.1:") and alive(s.pid) for s in state)
         assert "learner" in up.stdout and "npo train --connect" in up.stdout
         again = npo("up", "--config", "configs/tiny.yaml", "--out", str(run))
@@ -97,3 +97,54 @@ def test_a_service_that_fails_to_start_stops_the_others(tmp_path):
     assert not (run / STATE_FILE).exists()
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(run / "service-config.yaml") not in ps
+
+
+@pytest.mark.slow
+def test_controller_reads_prometheus_and_survives_sigkill(tmp_path):
+    """`npo up --prometheus`: the controller reads PromQL; killed with SIGKILL during an intervention and restarted,
+    it knows that intervention (abandoned) and its history; the run still ends."""
+    import shutil
+
+    from services.controller.client import ControllerClient
+
+    if shutil.which("prometheus") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("the prometheus binary is not installed; CI must run this test (.ci/run installs it)")
+        pytest.skip("the prometheus binary is not installed")
+    run = tmp_path / "ctl"
+    sets = ["--set", "train.steps=24", "--set", "train.threads=1", "--set", "eval.every=0", "--set", "method=grpo",
+            "--set", "checkpoint.every=2", "--set", "train.prompts_per_step=8"]  # fmt: skip
+    up = npo("up", "--config", "configs/tiny.yaml", *sets, "--out", str(run), "--prometheus")
+    assert up.returncode == 0, up.stderr[-3000:]
+    train = None
+    try:
+        command = [sys.executable, "-m", "services.cli", "train", "--connect", str(run), "--no-progress"]
+        train = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        client = ControllerClient.for_target(str(run))
+        deadline = time.monotonic() + 180
+        while True:
+            status = client.status()
+            if status["metrics"]["ok"] and status["step"] >= 3:
+                break
+            assert time.monotonic() < deadline, status
+            time.sleep(0.5)
+        assert status["metrics"]["source"].startswith("prometheus http://127.0.0.1:")
+        assert status["reward"] is not None and status["entropy"] is not None
+        first = client.early_bootstrap(scout_steps=4)
+        controller = next(s for s in read_state(run) if s.name == "controller")
+        os.kill(controller.pid, 9)
+        restarted = npo("restart", str(run), "controller")
+        assert restarted.returncode == 0, restarted.stderr[-2000:]
+        client = ControllerClient.for_target(str(run))
+        record = client.intervention(first["id"])
+        assert record["state"] == "abandoned" and "restarted" in record["error"]
+        assert [iv["id"] for iv in client.interventions()] == [first["id"]]
+        assert client.status()["running_intervention"] is None
+        out, err = train.communicate(timeout=400)
+        assert train.returncode == 0, err[-3000:]
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert rows[-1]["segment"] == "final" and rows[-1]["step"] == 24
+    finally:
+        if train is not None and train.poll() is None:
+            train.kill()
+        npo("down", str(run))

@@ -1,0 +1,1 @@
+"""The AutoNPO controller service: Prometheus-driven AutoNPO, manual interventions, REST API, durable records."""

@@ -1,0 +1,108 @@
+"""ControllerClient: the REST API of the controller (services/controller/api.py) for `npo status`, `npo intervene`
+and `npo autonpo`.
+
+    client = ControllerClient.for_target("runs/svc")      # a folder of `npo up`, or http://host:port
+    client.status()
+    client.early_bootstrap(scout_steps=10)
+
+The token comes from NPO_API_TOKEN, else the api-token file `npo up` wrote in the run folder. An HTTP error comes back
+as ControllerError with the status code and the API's message.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from npo.config import ConfigError
+
+
+class ControllerError(RuntimeError):
+    """The API answered with an error status."""
+
+    def __init__(self, status_code: int, message: str) -> None:
+        super().__init__(f"HTTP {status_code}: {message}")
+        self.status_code = status_code
+
+
+def _message(reply: httpx.Response) -> str:
+    try:
+        body = reply.json()
+    except ValueError:
+        return reply.text[:300]
+    detail = body.get("detail", body) if isinstance(body, dict) else body
+    if isinstance(detail, list):  # FastAPI's validation errors: name each field
+        return "; ".join(f"{'.'.join(str(x) for x in d.get('loc', []))}: {d.get('msg', '')}" for d in detail)
+    if isinstance(detail, dict):
+        return detail.get("message") or str(detail)
+    return str(detail)
+
+
+class ControllerClient:
+    """Calls the controller's REST API at `base_url` with `token` for the mutating routes."""
+
+    def __init__(self, base_url: str, token: str | None = None, timeout_s: float = 30.0) -> None:
+        self.base_url, self.token = base_url.rstrip("/"), token
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout_s)
+
+    @classmethod
+    def for_target(cls, target: str) -> ControllerClient:
+        """A client for a folder of `npo up` (its controller and token file) or an http(s):// URL."""
+        from services.launcher import TOKEN_FILE, read_state
+
+        token = os.environ.get("NPO_API_TOKEN")
+        if target.startswith(("http://", "https://")):
+            return cls(target, token)
+        if not Path(target).is_dir():
+            raise ConfigError(f"expected a folder of `npo up` or the controller's http://host:port, got {target!r}")
+        entry = next((s for s in read_state(target) if s.name == "controller"), None)
+        if entry is None:
+            raise ConfigError(f"{target}: no controller was started there (npo up --no-controller?)")
+        token_file = Path(target) / TOKEN_FILE
+        if token is None and token_file.is_file():
+            token = token_file.read_text().strip()
+        return cls(f"http://{entry.address}", token)
+
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None, **params: Any) -> Any:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        try:
+            reply = self._http.request(method, path, json=body, params=params or None, headers=headers)
+        except httpx.HTTPError as exc:
+            raise ConnectionError(f"controller at {self.base_url}: {exc}") from None
+        if reply.status_code >= 400:
+            raise ControllerError(reply.status_code, _message(reply))
+        return reply.json()
+
+    def status(self) -> dict[str, Any]:
+        return self._call("GET", "/v1/status")
+
+    def early_bootstrap(self, scout_steps: int) -> dict[str, Any]:
+        return self._call("POST", "/v1/interventions/early-bootstrap", {"scout_steps": scout_steps})
+
+    def plateau_breakthrough(self, plateau_start: int, lookahead_steps: int) -> dict[str, Any]:
+        body = {"plateau_start": plateau_start, "lookahead_steps": lookahead_steps}
+        return self._call("POST", "/v1/interventions/plateau-breakthrough", body)
+
+    def rollback(self, step: int) -> dict[str, Any]:
+        return self._call("POST", "/v1/rollback", {"step": step})
+
+    def set_autonpo(self, enabled: bool, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+        return self._call("PUT", "/v1/autonpo", {"enabled": enabled, "overrides": overrides or {}})
+
+    def interventions(self, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        return self._call("GET", "/v1/interventions", limit=limit, offset=offset)["interventions"]
+
+    def intervention(self, intervention_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/v1/interventions/{intervention_id}")
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> ControllerClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,529 @@
+"""The AutoNPO controller: turns the method's decisions into commands to the learner, the rollout replicas and the
+guidance cache (docs/architecture.md, control path).
+
+A background loop reads the run's reward and entropy (services/controller/metrics.py) and feeds the AutoNPO
+trigger (npo.autonpo) with every new step. When the trigger asks for a probe (and no intervention runs), the
+controller pauses the learner (which checkpoints step t), loads pi^(t) into the rollout replicas, samples the probe
+on the mistake pool, scores it under each candidate checkpoint pi^(t - Delta), chooses Delta* by S_hat, writes the
+probe's verified-correct responses to the cache as guides of step t, rolls the learner back to t - Delta*, runs
+the NPO segment with guide step t, then continues the main line to where it was going; then cool-down.
+
+Manual interventions (early bootstrap, plateau breakthrough, plain rollback) run the same way in a worker thread,
+one intervention at a time (records.start refuses a second with errors.Busy). Every intervention is recorded
+durably (services/controller/records.py): the trigger readings, the candidates with Q_hat/V_hat/S_hat, the choice,
+each command sent with its result, and the outcome. The trigger's state, the cool-down and the AutoNPO switch are
+saved after every change, so a restarted controller continues with its history; an intervention that was running
+when the controller died is marked abandoned, and a learner left paused by it is resumed.
+
+The learner's own run config should not run AutoNPO itself (`npo up` starts it with method=grpo when the
+controller runs AutoNPO). Checkpoint retention (`checkpoint.keep_last`) must keep the steps interventions need.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+
+from npo.autonpo import AutoNPO, mean_token_kl
+from npo.config import AutoNPOConfig, from_dict, to_dict
+from npo.interventions import early_bootstrap_plan, plateau_breakthrough_plan
+from npo.run_config import RunConfig
+from npo.runner import PromptSampler, derive_seed
+from npo.types import Problem, Sample
+from services.controller.errors import Busy, Conflict, NotFound
+from services.controller.metrics import Reading
+
+log = logging.getLogger(__name__)
+
+AUTONPO_STATE_KEY = "autonpo"
+"""records' state key of the AutoNPO switch, its overrides, the trigger's state and the last step observed."""
+
+
+def first_correct(groups: Sequence[Sequence[Sample]], threshold: float) -> dict[str, Sample]:
+    """prompt_id -> the first verified-correct sample of each group that has one."""
+    out = {}
+    for group in groups:
+        for sample in group:
+            if sample.reward >= threshold:
+                out[sample.prompt_id] = sample
+                break
+    return out
+
+
+class Controller:
+    """The controller of one run. `learner`, `rollout`, `cache` are the services' clients (LearnerClient,
+    RolloutClient, GuidanceCacheClient); `source` reads the metrics; `records` is an InterventionRecords;
+    `problems` the run's training problems and `encode` their prompt token ids (the policy's tokenizer)."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        *,
+        learner: Any,
+        rollout: Any,
+        cache: Any,
+        source: Any,
+        records: Any,
+        problems: Sequence[Problem],
+        encode: Callable[[Problem], list[int]],
+        autonpo: bool = True,
+        poll_s: float = 1.0,
+        segment_timeout_s: float = 24 * 3600.0,
+    ) -> None:
+        self.cfg, self.learner, self.rollout, self.cache = cfg, learner, rollout, cache
+        self.source, self.records, self.encode = source, records, encode
+        self.problems = {p.prompt_id: p for p in problems}
+        self.sampler = PromptSampler(list(problems), cfg.train.prompts_per_step, cfg.seed)
+        self.poll_s, self.segment_timeout_s = poll_s, segment_timeout_s
+        self.run = learner.status().run
+        self.reading = Reading(error="not read yet")
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._worker: threading.Thread | None = None
+        saved = records.get_state(AUTONPO_STATE_KEY)
+        self.autonpo_enabled = bool(saved["enabled"]) if saved else autonpo
+        self.overrides: dict[str, Any] = dict(saved["overrides"]) if saved else {}
+        self.autonpo = AutoNPO(self._autonpo_config(self.overrides))
+        self.last_step: int | None = None
+        if saved:
+            self.autonpo.load_state_dict(saved["state"])
+            self.last_step = saved["last_step"]
+        self.recovered = self._recover()
+
+    # -- lifecycle -------------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the metrics loop in a background thread."""
+        self._thread = threading.Thread(target=self._loop, name="controller-loop", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop the loop (an intervention in progress is left to finish in its thread)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def _recover(self) -> dict[str, Any]:
+        """After a restart: mark a half-done intervention abandoned and resume a learner it left paused."""
+        running = self.records.running()
+        if running is None:
+            return {}
+        status = self.learner.status()
+        last = running.commands[-1]["call"] if running.commands else "none"
+        note = {"learner_state": status.state, "learner_step": status.step, "last_command": last}
+        if status.state == "paused":
+            state, step = self.learner.resume()
+            note["resumed"] = {"state": state, "step": step}
+        self.records.finish(
+            running.id, "abandoned", outcome=note, error=f"the controller restarted during it (last command: {last})"
+        )
+        log.warning("intervention %s was abandoned by a restart: %s", running.id, note)
+        return {"abandoned": running.id, **note}
+
+    # -- reads -----------------------------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """Step, reward and entropy of the latest reading (None when missing: never 0), the learner, the AutoNPO
+        state and the running intervention."""
+        reading = self.reading
+        learner = asdict(self.learner.status())
+        learner.pop("metrics", None)
+        running = self.records.running()
+        return {
+            "step": reading.step,
+            "reward": reading.reward,
+            "entropy": reading.entropy,
+            "metrics": {**reading.to_dict(), "source": self.source.describe()},
+            "learner": learner,
+            "segment": {k: learner[k] for k in ("segment_id", "mode", "guide_step", "segment_end_step")},
+            "autonpo": self.autonpo_state(),
+            "running_intervention": running.id if running else None,
+            "recovered": self.recovered,
+        }
+
+    def autonpo_state(self) -> dict[str, Any]:
+        with self._lock:
+            reading = self.autonpo.detector.reading() if self.autonpo.detector.state_dict().get("raw") else None
+            return {
+                "enabled": self.autonpo_enabled,
+                "overrides": self.overrides,
+                "cooldown_until": self.autonpo.cooldown_until,
+                "last_step_observed": self.last_step,
+                "trigger": asdict(reading) if reading is not None else None,
+            }
+
+    def interventions(self, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        return [iv.to_dict() for iv in self.records.list(limit=limit, offset=offset)]
+
+    def intervention(self, intervention_id: str) -> dict[str, Any] | None:
+        found = self.records.get(intervention_id)
+        return found.to_dict() if found else None
+
+    # -- AutoNPO switch --------------------------------------------------------------------------------------------
+
+    def _autonpo_config(self, overrides: dict[str, Any]) -> AutoNPOConfig:
+        return from_dict(AutoNPOConfig, {**to_dict(self.cfg.autonpo), **overrides}, "autonpo.")
+
+    def set_autonpo(self, enabled: bool, overrides: dict[str, Any]) -> dict[str, Any]:
+        """Switch AutoNPO on/off and set config overrides (keys of the autonpo section; ConfigError naming a bad
+        one). The trigger's history and cool-down are kept."""
+        cfg = self._autonpo_config(overrides)  # raises before anything changes
+        with self._lock:
+            state = self.autonpo.state_dict()
+            self.autonpo = AutoNPO(cfg)
+            self.autonpo.load_state_dict(state)
+            self.autonpo_enabled, self.overrides = bool(enabled), dict(overrides)
+            self._save_autonpo()
+        return self.autonpo_state()
+
+    def _save_autonpo(self) -> None:
+        self.records.set_state(
+            AUTONPO_STATE_KEY,
+            {
+                "enabled": self.autonpo_enabled,
+                "overrides": self.overrides,
+                "state": self.autonpo.state_dict(),
+                "last_step": self.last_step,
+            },
+        )
+
+    # -- the loop --------------------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.poll_once()
+            except Exception:  # noqa: BLE001 - the loop must outlive a failed poll; the error is logged
+                log.exception("controller poll failed")
+            self._stop.wait(self.poll_s)
+
+    def poll_once(self) -> None:
+        """Read the metrics once; observe a new step; run AutoNPO when its trigger asks for it."""
+        reading = self.source.read()
+        self.reading = reading
+        if not reading.ok:
+            return
+        with self._lock:
+            if reading.step == self.last_step:
+                return
+            if self.last_step is not None and reading.step < self.last_step:
+                self.autonpo.on_rollback(reading.step)  # the run went back: forget the abandoned future
+            trigger = self.autonpo.observe(reading.step, reading.reward, reading.entropy)
+            self.last_step = reading.step
+            self._save_autonpo()
+            wants = self.autonpo_enabled and self.autonpo.wants_probe(trigger)
+        if not wants or self.records.running() is not None:
+            return
+        status = self.learner.status()
+        if status.state != "running" or status.mode != "grpo" or status.finished:
+            return  # only the main line (not a replay, not an idle or finished learner) is probed
+        try:
+            intervention = self.records.start("autonpo", {"trigger": asdict(trigger)})
+        except Busy:
+            return
+        self._execute(intervention.id, lambda iv: self._autonpo(iv, trigger))
+
+    # -- manual interventions (validated now, executed in a worker thread) -------------------------------------------
+
+    def _checkpoints(self) -> dict[int, str]:
+        return {c.step: c.path for c in self.learner.list_checkpoints()}
+
+    def _refuse_when_busy(self) -> None:
+        running = self.records.running()
+        if running is not None:
+            raise Busy(running.id)
+
+    def start_early_bootstrap(self, scout_steps: int) -> dict[str, Any]:
+        """Scout `scout_steps` from the current step t0, guide with pi^(t0+Delta), roll back to t0, replay with NPO."""
+        if scout_steps < 1:
+            raise ValueError(f"scout_steps: must be >= 1, got {scout_steps}")
+        self._refuse_when_busy()
+        status = self.learner.status()
+        if status.finished or status.step + scout_steps > status.run_steps:
+            raise Conflict(f"scout_steps: step {status.step} + {scout_steps} passes the run's end ({status.run_steps})")
+        return self._launch("early_bootstrap", {"scout_steps": scout_steps}, lambda iv: self._early(iv, scout_steps))
+
+    def start_plateau_breakthrough(self, plateau_start: int, lookahead_steps: int) -> dict[str, Any]:
+        """Guide with pi^(t_p + Delta) (trained to first when not there yet), roll back to t_p, replay with NPO."""
+        if plateau_start < 0:
+            raise ValueError(f"plateau_start: must be >= 0, got {plateau_start}")
+        if lookahead_steps < 1:
+            raise ValueError(f"lookahead_steps: must be >= 1, got {lookahead_steps}")
+        self._refuse_when_busy()
+        status = self.learner.status()
+        if plateau_start > status.step:
+            raise Conflict(f"plateau_start: {plateau_start} is after the learner's step {status.step}")
+        guide = plateau_start + lookahead_steps
+        if guide > status.run_steps:
+            raise Conflict(f"lookahead_steps: the guide step {guide} passes the run's end ({status.run_steps})")
+        have = self._checkpoints()
+        if plateau_start != status.step and plateau_start not in have:
+            raise NotFound(f"plateau_start: no checkpoint of step {plateau_start} (have: {sorted(have)})")
+        if guide < status.step and guide not in have:
+            raise NotFound(f"lookahead_steps: no checkpoint of the guide step {guide} (have: {sorted(have)})")
+        request = {"plateau_start": plateau_start, "lookahead_steps": lookahead_steps}
+        return self._launch(
+            "plateau_breakthrough", request, lambda iv: self._plateau(iv, plateau_start, lookahead_steps)
+        )
+
+    def start_rollback(self, step: int) -> dict[str, Any]:
+        """Roll the learner back to checkpoint `step` and continue the main line from there."""
+        if step < 0:
+            raise ValueError(f"step: must be >= 0, got {step}")
+        self._refuse_when_busy()
+        have = self._checkpoints()
+        if step not in have:
+            raise NotFound(f"step: no checkpoint of step {step} (have: {sorted(have)})")
+        return self._launch("rollback", {"step": step}, lambda iv: self._rollback(iv, step))
+
+    def _launch(self, kind: str, request: dict[str, Any], body: Callable[[str], dict]) -> dict[str, Any]:
+        intervention = self.records.start(kind, request)
+        self._worker = threading.Thread(
+            target=self._execute, args=(intervention.id, body), name=f"intervention-{intervention.id}", daemon=True
+        )
+        self._worker.start()
+        return intervention.to_dict()
+
+    def wait_idle(self, timeout_s: float = 600.0) -> None:
+        """Wait until no intervention runs (tests, `npo intervene --wait`)."""
+        deadline = time.monotonic() + timeout_s
+        while self.records.running() is not None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"an intervention still runs after {timeout_s:g} s")
+            time.sleep(0.1)
+
+    def _execute(self, intervention_id: str, body: Callable[[str], dict]) -> None:
+        try:
+            outcome = body(intervention_id)
+        except Exception as exc:  # noqa: BLE001 - recorded as the intervention's failure
+            log.exception("intervention %s failed", intervention_id)
+            self.records.finish(intervention_id, "failed", error=f"{type(exc).__name__}: {exc}"[:500])
+            return
+        self.records.finish(intervention_id, "succeeded", outcome=outcome)
+
+    # -- commands ----------------------------------------------------------------------------------------------------
+
+    def _cmd(self, iv: str, call: str, args: dict[str, Any], fn: Callable[[], Any], summary=None) -> Any:
+        """Run one command, record it with its (summarised) result."""
+        result = fn()
+        shown = summary(result) if summary else result
+        self.records.add_command(iv, call, args, shown if isinstance(shown, (dict, list, int, float, str)) else None)
+        return result
+
+    def _pause(self, iv: str) -> tuple[int, int | None]:
+        """Stop the learner between steps and end its segment; returns (its step, the end step of the segment it was
+        running, None when it was idle)."""
+        status = self.learner.status()
+        end = status.segment_end_step if status.state in ("running", "paused") and not status.finished else None
+        deadline = time.monotonic() + self.segment_timeout_s
+        while status.state == "running":
+            self._cmd(iv, "Learner.Pause", {}, self.learner.pause, lambda r: {"state": r[0], "step": r[1]})
+            status = self.learner.status()
+            if time.monotonic() > deadline:
+                raise TimeoutError("the learner did not pause")
+        if status.state == "failed":
+            raise Conflict(f"the learner's last segment failed: {status.error}")
+        if status.state == "paused":
+            # End the paused segment (the intervention runs its own): roll back to the step the pause checkpointed,
+            # which restores exactly the state the learner is in.
+            self._cmd(iv, "Learner.Rollback", {"to_step": status.step, "why": "end the paused segment"},
+                      lambda: self.learner.rollback(status.step))  # fmt: skip
+        if end is not None and status.step >= end:
+            end = None  # the segment completed while we paused it
+        return status.step, end
+
+    def _run(self, iv: str, from_step: int, length: int, mode: str, guide_step: int = -1, label: str = "") -> Any:
+        args = {"from_step": from_step, "length": length, "mode": mode, "guide_step": guide_step, "label": label}
+        started = self._cmd(
+            iv,
+            "Learner.RunSegment",
+            args,
+            lambda: self.learner.run_segment(from_step, length, mode, guide_step=guide_step, label=label),
+            lambda r: {"segment_id": r.segment_id, "end_step": r.end_step},
+        )
+        status = self.learner.wait_segment(started.segment_id, timeout_s=self.segment_timeout_s, poll_s=0.2)
+        self.records.add_command(iv, "Learner.WaitSegment", {"segment_id": started.segment_id}, {"step": status.step})
+        return status
+
+    def _continue_main(self, iv: str, end: int | None) -> dict[str, Any]:
+        """Continue the main line to `end` (where the learner was going before the intervention)."""
+        status = self.learner.status()
+        if end is None or status.step >= end:
+            return {"continued": False, "step": status.step}
+        started = self._cmd(
+            iv,
+            "Learner.RunSegment",
+            {"from_step": status.step, "length": end - status.step, "mode": "grpo"},
+            lambda: self.learner.run_segment(status.step, end - status.step, "grpo"),
+            lambda r: {"segment_id": r.segment_id, "end_step": r.end_step},
+        )
+        return {"continued": True, "from_step": status.step, "end_step": end, "segment_id": started.segment_id}
+
+    def _save_checkpoint(self, iv: str) -> str:
+        record = self._cmd(iv, "Learner.SaveCheckpoint", {}, self.learner.save_checkpoint, lambda r: {"step": r.step})
+        return record.path
+
+    def _load_policy(self, iv: str, step: int, path: str) -> None:
+        self._cmd(
+            iv,
+            "Rollout.LoadPolicy",
+            {"step": step, "path": path},
+            lambda: self.rollout.load_policy(path, step=step),
+            lambda r: [{"replica": x.address, "step": x.step, "load_seconds": x.load_seconds} for x in r],
+        )
+
+    def _sample(self, iv: str, problems: list[Problem], n: int, purpose: str, step: int) -> list[list[Sample]]:
+        seed = derive_seed(self.cfg.seed, purpose, step)
+        return self._cmd(
+            iv,
+            "Rollout.Generate",
+            {"prompts": len(problems), "n": n, "purpose": purpose, "step": step},
+            lambda: self.rollout.generate_verified(
+                [p.prompt_id for p in problems], [self.encode(p) for p in problems], n, self.cfg.rollout, seed=seed
+            ),
+            lambda groups: {"samples": sum(len(g) for g in groups)},
+        )
+
+    def _guides(self, iv: str, guide_step: int, path: str, replay: range) -> int:
+        """Sample guides with pi^(guide_step) for the prompts of the replay steps and cache the verified ones."""
+        problems = list({p.prompt_id: p for s in replay for p in self.sampler.batch(s)}.values())
+        self._load_policy(iv, guide_step, path)
+        groups = self._sample(iv, problems, self.cfg.npo.guide_samples, "guides", guide_step)
+        guides = list(first_correct(groups, self.cfg.algo.correct_threshold).values())
+        if guides:
+            self._cmd(
+                iv,
+                "GuidanceCache.PutGuides",
+                {"guide_step": guide_step, "guides": len(guides)},
+                lambda: self.cache.put_guides(self.run, guide_step, guides),
+            )
+        return len(guides)
+
+    def _rollback_to(self, iv: str, step: int) -> None:
+        self._cmd(iv, "Learner.Rollback", {"to_step": step}, lambda: self.learner.rollback(step))
+        with self._lock:
+            self.autonpo.on_rollback(step)
+
+    # -- the interventions -------------------------------------------------------------------------------------------
+
+    def _early(self, iv: str, scout_steps: int) -> dict[str, Any]:
+        t0, end = self._pause(iv)
+        plan = early_bootstrap_plan(t0, scout_steps)
+        self.records.update(iv, choice={"plan": plan.to_dict()})
+        self._save_checkpoint(iv)
+        self._run(iv, t0, scout_steps, "grpo", label="scout")
+        path = self._save_checkpoint(iv)
+        found = self._guides(iv, plan.guide_step, path, plan.replay_range())
+        self._rollback_to(iv, plan.rollback_step)
+        self._run(iv, plan.rollback_step, plan.replay_steps, "npo", guide_step=plan.guide_step, label="npo_replay")
+        return {"guides": found, "main_line": self._continue_main(iv, end)}
+
+    def _plateau(self, iv: str, plateau_start: int, lookahead: int) -> dict[str, Any]:
+        t, end = self._pause(iv)
+        plan = plateau_breakthrough_plan(plateau_start, lookahead)
+        self.records.update(iv, choice={"plan": plan.to_dict()})
+        if t < plan.guide_step:
+            self._run(iv, t, plan.guide_step - t, "grpo", label="lookahead")
+            path = self._save_checkpoint(iv)
+        else:
+            path = self._checkpoints()[plan.guide_step] if t > plan.guide_step else self._save_checkpoint(iv)
+        found = self._guides(iv, plan.guide_step, path, plan.replay_range())
+        self._rollback_to(iv, plan.rollback_step)
+        self._run(iv, plan.rollback_step, plan.replay_steps, "npo", guide_step=plan.guide_step, label="npo_replay")
+        return {"guides": found, "main_line": self._continue_main(iv, end)}
+
+    def _rollback(self, iv: str, step: int) -> dict[str, Any]:
+        _, end = self._pause(iv)
+        self._rollback_to(iv, step)
+        return {"step": step, "main_line": self._continue_main(iv, end)}
+
+    def _autonpo(self, iv: str, trigger: Any) -> dict[str, Any]:
+        cfg = self.cfg.autonpo if not self.overrides else self._autonpo_config(self.overrides)
+        t, end = self._pause(iv)
+        readings = {"trigger": asdict(trigger), "paused_at": t, "reading": self.reading.to_dict()}
+        self.records.update(iv, readings=readings)
+
+        def resume(outcome: dict[str, Any]) -> dict[str, Any]:
+            with self._lock:
+                self._save_autonpo()
+            return {**outcome, "intervened": False, "main_line": self._continue_main(iv, end)}
+
+        path_t = self._save_checkpoint(iv)
+        have = self._checkpoints()
+        with self._lock:
+            deltas = self.autonpo.candidate_deltas(t, have)
+        if not deltas:
+            return resume({"reason": f"no checkpoint at any candidate distance from step {t}"})
+        mistakes = self._cmd(
+            iv,
+            "GuidanceCache.GetMistakes",
+            {"from_step": t - max(deltas), "to_step": t},
+            lambda: self.cache.get_mistakes(self.run, t - max(deltas), t),
+            lambda m: {"prompts": len(m)},
+        )
+        with self._lock:
+            probe_ids = self.autonpo.probe_prompts(t, mistakes, deltas, derive_seed(self.cfg.seed, "probe-pick", t))
+        problems = [self.problems[p] for p in probe_ids if p in self.problems]
+        if not problems:
+            with self._lock:
+                self.autonpo.cooldown_until = t + cfg.window
+            return resume({"reason": "the mistake pool is empty"})
+        self._load_policy(iv, t, path_t)
+        groups = self._sample(iv, problems, cfg.probe_samples, "probe", t)
+        threshold = self.cfg.algo.correct_threshold
+        solved = {g[0].prompt_id: any(s.reward >= threshold for s in g) for g in groups}
+        flat = [(self.encode(self.problems[s.prompt_id]), s) for g in groups for s in g if s.response_ids]
+        current = [s.logprobs for _, s in flat]
+        kl_by_delta = {}
+        for d in deltas:
+            past = self._cmd(
+                iv,
+                "Rollout.Score",
+                {"checkpoint_step": t - d, "sequences": len(flat)},
+                lambda d=d: self.rollout.score(
+                    [p for p, _ in flat],
+                    [s.response_ids for _, s in flat],
+                    temperature=self.cfg.rollout.temperature,
+                    checkpoint=have[t - d],
+                    step=t - d,
+                ),
+                lambda r: {"scored": len(r)},
+            )
+            kl_by_delta[d] = mean_token_kl(current, past, cfg.kl_estimator)
+        mean_len = float(np.mean([len(s.response_ids) for _, s in flat])) if flat else 0.0
+        with self._lock:
+            decision = self.autonpo.decide(t, mistakes, solved, kl_by_delta, mean_len, trigger)
+            candidates = [asdict(c) for c in self.autonpo.last_candidates]
+        self.records.update(
+            iv,
+            candidates=candidates,
+            choice=decision.to_dict() if decision else {"delta": None, "reason": "no candidate reached q_min"},
+        )
+        if decision is None:
+            return resume({"probed": len(problems), "solved": int(sum(solved.values()))})
+        by_prompt = {g[0].prompt_id: g for g in groups}
+        guides = [next(s for s in by_prompt[p] if s.reward >= threshold) for p in decision.prompt_ids]
+        self._cmd(
+            iv,
+            "GuidanceCache.PutGuides",
+            {"guide_step": t, "guides": len(guides)},
+            lambda: self.cache.put_guides(self.run, t, guides),
+        )
+        self._rollback_to(iv, t - decision.delta)
+        self._run(iv, t - decision.delta, decision.delta, "npo", guide_step=t, label="autonpo_replay")
+        with self._lock:
+            self._save_autonpo()
+        return {
+            "intervened": True,
+            "delta": decision.delta,
+            "guides": len(guides),
+            "probed": len(problems),
+            "main_line": self._continue_main(iv, end),
+        }
