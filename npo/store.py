@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from npo.types import Sample
@@ -96,20 +96,21 @@ def check_prompt_ids(name: str, prompt_ids: Sequence[str]) -> list[str]:
     return list(prompt_ids)
 
 
-def check_guides(guides: Sequence[Sample]) -> dict[str, str]:
-    """Serialise a batch of guides to {prompt_id: JSON text} (a later guide for the same prompt wins).
+def check_guides(guides: Sequence[Sample], encode: Callable[[Sample], Any] = sample_to_json) -> dict[str, Any]:
+    """Serialise a batch of guides to {prompt_id: encode(guide)} (JSON text by default; a later guide for the same
+    prompt wins).
 
     Raises ValueError naming `guides[i]` for an item that is not a Sample or has an empty prompt_id.
     """
     if not isinstance(guides, Sequence):
         raise ValueError(f"guides: expected a sequence of Samples, got {type(guides).__name__}")
-    encoded: dict[str, str] = {}
+    encoded: dict[str, Any] = {}
     for i, guide in enumerate(guides):
         if not isinstance(guide, Sample):
             raise ValueError(f"guides[{i}]: expected a Sample, got {type(guide).__name__}")
         if not isinstance(guide.prompt_id, str) or not guide.prompt_id:
             raise ValueError(f"guides[{i}].prompt_id: expected a non-empty prompt id, got {guide.prompt_id!r}")
-        encoded[guide.prompt_id] = sample_to_json(guide)
+        encoded[guide.prompt_id] = encode(guide)
     return encoded
 
 

@@ -367,11 +367,11 @@ def sample_from_message(message: common_pb2.Sample, name: str = "sample") -> Sam
             f"got {len(message.logprobs)}"
         )
     return Sample(
-        prompt_id=message.prompt_id,
-        response_ids=list(message.response_ids),
-        logprobs=list(message.logprobs),
-        reward=message.reward,
-        text=message.text,
-        policy_step=message.policy_step,
-        finished=message.finished,
+        message.prompt_id,
+        list(message.response_ids),
+        list(message.logprobs),
+        message.reward,
+        message.text,
+        message.policy_step,
+        message.finished,
     )

@@ -57,6 +57,22 @@ def guides_reply(guides: dict[str, Sample]) -> pb.GetGuidesResponse:
     return pb.GetGuidesResponse(guides=[sample_to_message(sample) for sample in guides.values()])
 
 
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        if value:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
+def raw_guides_reply(serialized: list[bytes]) -> pb.GetGuidesResponse:
+    """GetGuidesResponse whose `guides` (field 1) are the given serialized npo.v1.Sample messages, in order."""
+    return pb.GetGuidesResponse.FromString(b"".join(b"\x0a" + _varint(len(s)) + s for s in serialized))
+
+
 def mistakes_reply(mistakes: dict[str, int]) -> pb.GetMistakesResponse:
     """GetMistakesResponse ordered by step, then prompt id."""
     ordered = sorted(mistakes.items(), key=lambda item: (item[1], item[0]))
@@ -95,6 +111,9 @@ class GuidanceCacheServicer(pb_grpc.GuidanceCacheServiceServicer):
         return pb.PutGuidesResponse(written=written)
 
     def GetGuides(self, request: pb.GetGuidesRequest, context: grpc.ServicerContext) -> pb.GetGuidesResponse:
+        raw = getattr(self.store, "get_guides_raw", None)
+        if raw is not None:  # stored protobuf bytes: the reply is their concatenation as field 1, parsed in C
+            return raw_guides_reply(raw(request.run, request.guide_step, list(request.prompt_ids)))
         return guides_reply(self.store.get_guides(request.run, request.guide_step, list(request.prompt_ids)))
 
     def ListGuideSteps(

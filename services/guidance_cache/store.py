@@ -1,12 +1,15 @@
 """RedisGuideStore: the GuideStore (npo/store.py) on a Redis-protocol server, through redis-py.
 
 Keys of one run (`run` is used verbatim; steps are decimal integers, so two runs' keys never collide):
-- `{prefix}:{run}:guides:{guide_step}`  hash prompt_id -> Sample JSON (npo.store.sample_to_json)
+- `{prefix}:{run}:guides:{guide_step}`  hash prompt_id -> the guide as a serialized npo.v1.Sample protobuf
+                                         (values in the older JSON form, npo.store.sample_to_json, are still read)
 - `{prefix}:{run}:guide_steps`           sorted set of guide steps (member = score = the step)
 - `{prefix}:{run}:mistakes`              sorted set prompt_id, scored by the step it last failed at
 
-A read is one round trip (get_guides is one HMGET). A write that touches several keys is one MULTI/EXEC
-pipeline, so a put never leaves a half-written batch and the step index never names a missing hash.
+A read is one round trip (get_guides is one HMGET). Storing the protobuf bytes lets the gRPC service answer
+GetGuides by concatenating them (`get_guides_raw`), with no per-guide work in Python. A write that touches several
+keys is one MULTI/EXEC pipeline, so a put never leaves a half-written batch and the step index never names a
+missing hash.
 
     with RedisGuideStore("unix:///tmp/npo/redis.sock") as store:
         store.put_guides("run-1", 40, guides)
@@ -31,6 +34,33 @@ from npo.store import (
     sample_from_json,
 )
 from npo.types import Sample
+from services.grpc_common import sample_from_message, sample_to_message
+from services.proto.npo.v1 import common_pb2
+
+JSON_MARK = b"{"
+"""First byte of a value in the older JSON form (a serialized Sample starts with its field-1 tag, 0x0a)."""
+
+
+def encode_guide(sample: Sample) -> bytes:
+    """The stored value of a guide: npo.v1.Sample protobuf bytes (log-probs as doubles: bit-exact)."""
+    return sample_to_message(sample).SerializeToString()
+
+
+def guide_message(value: bytes) -> common_pb2.Sample:
+    """The npo.v1.Sample of a stored value, either form; ValueError when it is neither."""
+    if value[:1] == JSON_MARK:
+        return sample_to_message(sample_from_json(value))
+    try:
+        return common_pb2.Sample.FromString(value)
+    except Exception as exc:  # noqa: BLE001 - google.protobuf.message.DecodeError
+        raise ValueError(f"stored guide: not a serialized Sample ({exc})") from None
+
+
+def decode_guide(value: bytes) -> Sample:
+    """The Sample of a stored value, either form."""
+    if value[:1] == JSON_MARK:
+        return sample_from_json(value)
+    return sample_from_message(guide_message(value), "stored guide")
 
 
 def _text(value: bytes | str) -> str:
@@ -87,6 +117,8 @@ class RedisGuideStore:
         if isinstance(url_or_client, redis.Redis):
             if password is not None:
                 raise ValueError("password: give it to the redis.Redis client, not alongside one")
+            if url_or_client.connection_pool.connection_kwargs.get("decode_responses"):
+                raise ValueError("url_or_client: the client must not decode responses (guides are stored as bytes)")
             self._client, self._owns_client = url_or_client, False
         else:
             self._client = connect(url_or_client, password=password, connect_timeout=connect_timeout)
@@ -126,7 +158,7 @@ class RedisGuideStore:
         """See npo.store.GuideStore.put_guides (one MULTI: HSET of the batch + ZADD of the step)."""
         check_run(run)
         check_step("guide_step", guide_step)
-        encoded = check_guides(guides)
+        encoded = check_guides(guides, encode_guide)
         if not encoded:
             return 0
         with self._errors(), self._client.pipeline(transaction=True) as pipe:
@@ -142,9 +174,24 @@ class RedisGuideStore:
         wanted = list(dict.fromkeys(check_prompt_ids("prompt_ids", prompt_ids)))
         if not wanted:
             return {}
+        values = self._hmget(run, guide_step, wanted)
+        return {prompt_id: decode_guide(v) for prompt_id, v in zip(wanted, values, strict=True) if v is not None}
+
+    def get_guides_raw(self, run: str, guide_step: int, prompt_ids: Sequence[str]) -> list[bytes]:
+        """The stored guides of get_guides as npo.v1.Sample protobuf bytes, in the order of the first request of
+        their prompt id, absent ones left out (one HMGET; values in the JSON form are converted)."""
+        check_run(run)
+        check_step("guide_step", guide_step)
+        wanted = list(dict.fromkeys(check_prompt_ids("prompt_ids", prompt_ids)))
+        if not wanted:
+            return []
+        values = self._hmget(run, guide_step, wanted)
+        return [v if v[:1] != JSON_MARK else guide_message(v).SerializeToString() for v in values if v is not None]
+
+    def _hmget(self, run: str, guide_step: int, wanted: list[str]) -> list[bytes | None]:
         with self._errors():
             values = self._client.hmget(self._guides_key(run, guide_step), wanted)
-        return {prompt_id: sample_from_json(v) for prompt_id, v in zip(wanted, values, strict=True) if v is not None}
+        return [v.encode() if isinstance(v, str) else v for v in values]
 
     def guide_steps(self, run: str) -> list[int]:
         """See npo.store.GuideStore.guide_steps."""

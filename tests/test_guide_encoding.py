@@ -1,0 +1,63 @@
+"""Guides in Redis are npo.v1.Sample protobuf bytes (GetGuides concatenates them); values written in the older
+JSON form are still read, by the store and through the service, bit-exact."""
+
+import math
+
+import pytest
+import redis
+
+from npo.store import sample_to_json
+from npo.types import Sample
+from services.guidance_cache.client import GuidanceCacheClient
+from services.guidance_cache.embedded import EmbeddedRedis
+from services.guidance_cache.server import serve
+from services.guidance_cache.store import RedisGuideStore
+
+GUIDES = [
+    Sample("p1", [5, 6, 2], [-0.1, float("-inf"), -1e-300], 1.0, "12", 40, True),
+    Sample("p2", [7], [float("nan")], 0.5, "ünï", 40, False),
+    Sample("p3", [], [], 0.0, "", 40, True),
+]
+
+
+@pytest.fixture
+def served():
+    with EmbeddedRedis() as server, RedisGuideStore(server.url) as store:
+        grpc_server, port = serve(store)
+        with GuidanceCacheClient(f"127.0.0.1:{port}") as client:
+            yield server, store, client
+        grpc_server.stop(grace=None)
+
+
+def same(a, b):
+    assert (a.prompt_id, a.response_ids, a.reward, a.text, a.policy_step, a.finished) == (
+        b.prompt_id, b.response_ids, b.reward, b.text, b.policy_step, b.finished)  # fmt: skip
+    for x, y in zip(a.logprobs, b.logprobs, strict=True):
+        assert (math.isnan(x) and math.isnan(y)) or (x == y and math.copysign(1, x) == math.copysign(1, y))
+
+
+def test_guides_are_stored_as_protobuf_and_read_back_exactly(served):
+    server, store, client = served
+    store.put_guides("r", 40, GUIDES)
+    raw = redis.Redis.from_url(server.url).hget("npo:r:guides:40", "p1")
+    assert raw[:1] == b"\x0a"  # a serialized Sample, not JSON
+    for reader in (store, client):
+        got = reader.get_guides("r", 40, ["p3", "p1", "missing", "p2", "p1"])
+        assert list(got) == ["p3", "p1", "p2"]
+        for sample in GUIDES:
+            same(got[sample.prompt_id], sample)
+
+
+def test_values_in_the_older_json_form_are_still_read(served):
+    server, store, client = served
+    redis.Redis.from_url(server.url).hset("npo:r:guides:7", mapping={g.prompt_id: sample_to_json(g) for g in GUIDES})
+    for reader in (store, client):
+        got = reader.get_guides("r", 7, ["p1", "p2", "p3"])
+        for sample in GUIDES:
+            same(got[sample.prompt_id], sample)
+
+
+def test_a_client_that_decodes_responses_is_refused(served):
+    server, _, _ = served
+    with pytest.raises(ValueError, match="decode responses"):
+        RedisGuideStore(redis.Redis.from_url(server.url, decode_responses=True))
