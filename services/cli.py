@@ -261,6 +261,10 @@ def main(argv: list[str] | None = None) -> int:
                       "the learner when method=autonpo)")  # fmt: skip
     p_up.add_argument("--prometheus", action="store_true", help="also start a Prometheus server (needs the "
                       "`prometheus` binary) and let the controller read the metrics from it with PromQL")  # fmt: skip
+    ray_help = "place the roles on a Ray cluster (default: auto, the `ray start --head` cluster)"
+    p_up.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS", help=ray_help)
+    p_up.add_argument("--gpus-per-replica", type=float, default=0.0, help="Ray: GPUs per rollout replica")
+    p_up.add_argument("--learner-gpus", type=float, default=0.0, help="Ray: GPUs of the learner")
     p_up.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for every service to be healthy")
 
     p_down = sub.add_parser("down", help="stop the services `npo up` started in a run folder")
@@ -320,6 +324,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train" and args.connect:
             connect(args)
+        elif args.command == "up" and args.ray:
+            from services.ray_backend import up_ray
+
+            if args.prometheus:
+                raise ConfigError("--prometheus: not with --ray (point prometheus.url at the cluster's Prometheus)")
+            started, _ = up_ray(
+                args.config,
+                args.overrides,
+                args.out,
+                ray_address=args.ray,
+                replicas=args.replicas,
+                gpus_per_replica=args.gpus_per_replica,
+                learner_gpus=args.learner_gpus,
+                controller=not args.no_controller,
+                timeout_s=args.timeout,
+            )
+            for entry in started:
+                print(f"{entry.name:16s} {entry.address:22s} (Ray actor) log {entry.log}")
+            print(f"up on Ray. next: npo train --connect {args.out}; stop with: npo down {args.out}")
         elif args.command == "up":
             from services.launcher import up
 
@@ -349,9 +372,17 @@ def main(argv: list[str] | None = None) -> int:
             entry = restart(args.run, args.service)
             print(f"{entry.name} restarted: {entry.address} pid {entry.pid}")
         elif args.command == "down":
-            from services.launcher import down
+            import json
 
-            stopped = down(args.run)
+            from services.launcher import STATE_FILE, down
+
+            state_file = Path(args.run) / STATE_FILE
+            if state_file.is_file() and json.loads(state_file.read_text()).get("backend") == "ray":
+                from services.ray_backend import down_ray
+
+                stopped = down_ray(args.run)
+            else:
+                stopped = down(args.run)
             print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
         elif args.command == "train":
             train(

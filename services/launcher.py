@@ -234,6 +234,74 @@ class _suppress_lookup:
         return kind is ProcessLookupError
 
 
+def module_argv(module: str, *args: str) -> list[str]:
+    """`python -m module args` with this interpreter."""
+    return [sys.executable, "-m", module, *args]
+
+
+def cache_args(cfg, host: str) -> list[str]:
+    """Arguments of `python -m services.guidance_cache` for the run (embedded Redis unless cache.url)."""
+    redis = ["--redis-url", cfg.cache.url] if cfg.cache.url else []
+    return ["--address", f"{host}:0", "--prefix", cfg.cache.prefix, *redis]
+
+
+def rollout_args(cfg, config_file: Path, host: str) -> list[str]:
+    """Arguments of one `python -m services.rollout` replica."""
+    threads = ["--threads", str(cfg.train.threads)] if cfg.train.threads else []
+    return ["--config", str(config_file), "--address", f"{host}:0", *threads]
+
+
+def controller_runs_autonpo(cfg, controller: bool) -> bool:
+    """With the controller running AutoNPO, the learner trains the plain main line it intervenes on."""
+    return controller and cfg.method.value == "autonpo" and cfg.controller.autonpo
+
+
+def learner_args(
+    cfg, config_file: Path, run_dir: Path, host: str, port: int, rollout: str, cache: str, metrics_port: int,
+    controller: bool,
+) -> list[str]:  # fmt: skip
+    """Arguments of `python -m services.learner` pointed at the rollout replicas and the cache."""
+    method = ["--set", "method=grpo"] if controller_runs_autonpo(cfg, controller) else []
+    args = ["--config", str(config_file), *method, "--out", str(run_dir), "--address", f"{host}:{port}"]
+    args += ["--rollout", rollout, "--cache", cache]
+    return args + ["--metrics-port", str(metrics_port), "--metrics-address", host]
+
+
+def controller_args(
+    config_file: Path, run_dir: Path, host: str, port: int, learner: str, rollout: str, cache: str, metrics_url: str,
+    prometheus_url: str = "",
+) -> list[str]:  # fmt: skip
+    """Arguments of `python -m services.controller` (its token in run_dir/api-token)."""
+    args = ["--config", str(config_file), "--learner", learner, "--rollout", rollout, "--cache", cache,
+            "--metrics-url", metrics_url, "--state", str(run_dir / "controller"), "--address", f"{host}:{port}",
+            "--token-file", str(api_token_file(run_dir))]  # fmt: skip
+    return args + (["--set", f"prometheus.url={prometheus_url}"] if prometheus_url else [])
+
+
+def prepare_run(config: str | None, overrides: list[str], out: str | os.PathLike, replicas: int):
+    """Resolve the run config once, write it to run_dir/service-config.yaml (every process reads it) and warm the
+    model cache here (so the processes do not all build it). Returns (cfg, run_dir, config_file)."""
+    import yaml
+
+    from npo.run_config import load_run_config, run_config_to_dict
+    from services.cli import build_policy_and_task
+
+    if replicas < 1:
+        raise ConfigError(f"--replicas: must be >= 1, got {replicas}")
+    run_dir = Path(out)
+    if (run_dir / STATE_FILE).exists():
+        running = [s.name for s in read_state(run_dir) if _alive(s.pid)]
+        if running:
+            raise ConfigError(f"{run_dir}: services already up ({', '.join(running)}); `npo down {run_dir}` first")
+    cfg = load_run_config(config, overrides)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "logs").mkdir(exist_ok=True)
+    config_file = (run_dir / CONFIG_FILE).resolve()
+    config_file.write_text(yaml.safe_dump(run_config_to_dict(cfg), sort_keys=False))
+    build_policy_and_task(cfg)
+    return cfg, run_dir, config_file
+
+
 def up(
     config: str | None,
     overrides: list[str],
@@ -249,38 +317,17 @@ def up(
     timeout_s: float = 300.0,
 ) -> list[Started]:
     """Start the run's services (see the module docstring); returns what was started, in start order."""
-    from npo.run_config import load_run_config, run_config_to_dict
-    from services.cli import build_policy_and_task
-
-    if replicas < 1:
-        raise ConfigError(f"--replicas: must be >= 1, got {replicas}")
-    run_dir = Path(out)
-    if (run_dir / STATE_FILE).exists():
-        running = [s.name for s in read_state(run_dir) if _alive(s.pid)]
-        if running:
-            raise ConfigError(f"{run_dir}: services already up ({', '.join(running)}); `npo down {run_dir}` first")
-    cfg = load_run_config(config, overrides)
     if prometheus and not shutil.which("prometheus"):
         raise ConfigError("--prometheus: no `prometheus` binary on PATH (Debian: apt-get install prometheus)")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg, run_dir, config_file = prepare_run(config, overrides, out, replicas)
     logs = run_dir / "logs"
-    logs.mkdir(exist_ok=True)
-    import yaml
-
-    config_file = run_dir / CONFIG_FILE
-    config_file.write_text(yaml.safe_dump(run_config_to_dict(cfg), sort_keys=False))
-    build_policy_and_task(cfg)  # warm the model cache once, here
-    python, conf = sys.executable, ["--config", str(config_file)]
-    threads = ["--threads", str(cfg.train.threads)] if cfg.train.threads else []
     deadline = time.monotonic() + timeout_s
     started: list[Started] = []
     spawned: list[Started] = []  # everything started, recorded or not: stopped when `up` fails
     try:
-        redis = ["--redis-url", cfg.cache.url] if cfg.cache.url else []
-        cache_argv = [python, "-m", "services.guidance_cache", "--address", f"{host}:0", "--prefix", cfg.cache.prefix]
-        first = {"guidance_cache": cache_argv + redis}
+        first = {"guidance_cache": module_argv("services.guidance_cache", *cache_args(cfg, host))}
         for i in range(replicas):
-            first[f"rollout-{i}"] = [python, "-m", "services.rollout", *conf, "--address", f"{host}:0", *threads]
+            first[f"rollout-{i}"] = module_argv("services.rollout", *rollout_args(cfg, config_file, host))
         procs = {name: spawn(name, argv, logs) for name, argv in first.items()}
         spawned += [Started(name, proc.pid, "", str(log)) for name, (proc, log) in procs.items()]
         for name, (proc, log) in procs.items():
@@ -288,12 +335,8 @@ def up(
             started.append(Started(name, proc.pid, address, str(log), argv=first[name]))
         rollout = ",".join(s.address for s in started if s.name.startswith("rollout-"))
         cache = next(s.address for s in started if s.name == "guidance_cache")
-        # With the controller running AutoNPO, the learner trains the plain main line it intervenes on.
-        controller_autonpo = controller and cfg.method.value == "autonpo" and cfg.controller.autonpo
-        learner_conf = [*conf, "--set", "method=grpo"] if controller_autonpo else conf
-        learner_argv = [python, "-m", "services.learner", *learner_conf, "--out", str(run_dir)]
-        learner_argv += ["--address", f"{host}:{learner_port}", "--rollout", rollout, "--cache", cache]
-        learner_argv += ["--metrics-port", str(metrics_port), "--metrics-address", host]
+        args = learner_args(cfg, config_file, run_dir, host, learner_port, rollout, cache, metrics_port, controller)
+        learner_argv = module_argv("services.learner", *args)
         proc, log = spawn("learner", learner_argv, logs)
         spawned.append(Started("learner", proc.pid, "", str(log)))
         address, metrics_url = wait_serving("learner", proc, log, deadline)
@@ -307,13 +350,9 @@ def up(
             started.append(entry)
             prometheus_url = f"http://{entry.address}"
         if controller:
-            token_file = api_token_file(run_dir)
-            controller_argv = [python, "-m", "services.controller", *conf, "--learner", address]
-            controller_argv += ["--rollout", rollout, "--cache", cache, "--metrics-url", metrics_url]
-            controller_argv += ["--state", str(run_dir / "controller"), "--address", f"{host}:{api_port}"]
-            controller_argv += ["--token-file", str(token_file)]
-            if prometheus_url:
-                controller_argv += ["--set", f"prometheus.url={prometheus_url}"]
+            args = controller_args(config_file, run_dir, host, api_port, address, rollout, cache, metrics_url,
+                                   prometheus_url)  # fmt: skip
+            controller_argv = module_argv("services.controller", *args)
             proc, log = spawn("controller", controller_argv, logs)
             spawned.append(Started("controller", proc.pid, "", str(log)))
             api, _ = wait_serving("controller", proc, log, deadline)
@@ -322,9 +361,15 @@ def up(
     except BaseException:
         stop(list(reversed(spawned)))
         raise
-    state = {"config": str(config_file), "run_dir": str(run_dir.resolve()), "services": [asdict(s) for s in started]}
-    (run_dir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+    write_state(run_dir, config_file, started)
     return started
+
+
+def write_state(run_dir: Path, config_file: Path, started: list[Started], **extra) -> None:
+    """Record what was started in run_dir/services.json (what `npo down` and `npo restart` read)."""
+    state = {"config": str(config_file), "run_dir": str(run_dir.resolve()), **extra,
+             "services": [asdict(s) for s in started]}  # fmt: skip
+    (run_dir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
 
 
 def down(run_dir: str | os.PathLike, timeout_s: float = 15.0) -> list[str]:
