@@ -31,7 +31,7 @@ from npo.config import (
     load_yaml,
     to_dict,
 )
-from npo.models import ModelConfig, resolve_device
+from npo.models import DEVICES, ModelConfig
 from npo.rollout import SamplingParams
 from npo.tasks import TaskConfig
 
@@ -202,7 +202,9 @@ class RunConfig:
             raise ConfigError(f"train.zero_stage: must be 0, 1 or 2 (stage 3 is not supported), got {t.zero_stage}")
         if t.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"train.dtype: must be 'float32' or 'bfloat16', got {t.dtype!r}")
-        resolve_device(t.device)  # ConfigError naming train.device: unknown value, or "cuda" without a GPU
+        if t.device not in DEVICES:  # "cuda" without a GPU fails where the device is used (resolve_device), so a
+            # CPU-only role (the controller) can read a GPU run's config
+            raise ConfigError(f"train.device: must be one of {list(DEVICES)}, got {t.device!r}")
         _check_range("rollout.temperature", self.rollout.temperature, 1e-3)
         _check_range("rollout.top_p", self.rollout.top_p, 1e-6, 1.0)
         _check_range("rollout.max_new_tokens", self.rollout.max_new_tokens, 1)

@@ -194,3 +194,18 @@ def test_apply_override_rejects_malformed_assignments():
 def test_nan_is_rejected_for_unbounded_numbers(cls, key):
     with pytest.raises(ConfigError, match=key):
         from_dict(cls, {key: math.nan})
+
+
+def test_train_device_is_checked_by_value_in_the_config_and_by_availability_where_used():
+    import torch
+
+    from npo.models import resolve_device
+    from npo.run_config import load_run_config
+
+    assert load_run_config(None, ["train.device=cuda"]).train.device == "cuda"  # a CPU controller reads GPU configs
+    with pytest.raises(ConfigError, match="train.device"):
+        load_run_config(None, ["train.device=tpu"])
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="train.device: 'cuda'"):
+            resolve_device("cuda")
+    assert resolve_device("cpu") == torch.device("cpu")

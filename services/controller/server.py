@@ -68,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         cfg = load_run_config(args.config, args.overrides)
         token = load_token(file=args.token_file)
+        cfg.train.device = "cpu"  # the controller needs only the task and the tokenizer, on any node
         policy, task = build_policy_and_task(cfg)
         state = Path(args.state)
         state.mkdir(parents=True, exist_ok=True)
