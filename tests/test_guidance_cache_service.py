@@ -23,7 +23,7 @@ from npo.types import Sample
 from services.grpc_common import RetryPolicy, make_server, open_channel, retried_methods, status_for
 from services.guidance_cache.client import GuidanceCacheClient
 from services.guidance_cache.embedded import EmbeddedRedis
-from services.guidance_cache.server import SERVICE_NAME, serve
+from services.guidance_cache.server import SERVICE_NAME, raw_guides_reply, serve
 from services.guidance_cache.store import RedisGuideStore
 from services.proto.npo.v1 import common_pb2
 from services.proto.npo.v1 import guidance_cache_pb2 as pb
@@ -115,6 +115,24 @@ def test_guides_round_trip_exactly(store):
     got = store.get_guides("run", 40, ["p/1 é", "p2"])
     assert got == {"p/1 é": original, "p2": unfinished}
     assert [x.hex() for x in got["p/1 é"].logprobs] == [x.hex() for x in awkward]
+
+
+def test_get_guides_reply_is_the_stored_bytes_and_keeps_every_value(make_client):
+    ids = [0, 127, 128, 151_935, 2**31 - 1, -1, -(2**31)]  # one- to ten-byte varints
+    logprobs = [-0.0, math.nan, -math.inf, -5e-324, -1e-300, math.nextafter(-1.0, 0.0), -7.25]
+    original = Sample("p", ids, logprobs, reward=-0.5, text="ü", policy_step=-1, finished=False)
+    client = make_client()
+    client.put_guides("run", 3, [original])
+    got = client.get_guides("run", 3, ["p", "absent"])["p"]
+    assert (got.response_ids, got.reward, got.text, got.policy_step, got.finished) == (ids, -0.5, "ü", -1, False)
+    assert [x.hex() for x in got.logprobs] == [x.hex() for x in logprobs]
+    assert type(got.response_ids) is list and type(got.logprobs) is list
+    assert (
+        raw_guides_reply([b"\x0a\x01p", b"\x0a\x01q"])
+        == pb.GetGuidesResponse(
+            guides=[common_pb2.Sample(prompt_id="p"), common_pb2.Sample(prompt_id="q")]
+        ).SerializeToString()
+    )
 
 
 def test_get_guides_of_missing_ids_are_absent(store):

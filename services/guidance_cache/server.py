@@ -23,6 +23,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 
 from npo.store import GuideStore
 from npo.types import Sample
@@ -68,9 +69,31 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
-def raw_guides_reply(serialized: list[bytes]) -> pb.GetGuidesResponse:
-    """GetGuidesResponse whose `guides` (field 1) are the given serialized npo.v1.Sample messages, in order."""
-    return pb.GetGuidesResponse.FromString(b"".join(b"\x0a" + _varint(len(s)) + s for s in serialized))
+def raw_guides_reply(serialized: list[bytes]) -> bytes:
+    """The serialized GetGuidesResponse whose `guides` (field 1) are the given serialized npo.v1.Sample messages, in
+    order: each entry is the field's tag, its length and the bytes, so nothing is parsed or copied per field."""
+    return b"".join(b"\x0a" + _varint(len(s)) + s for s in serialized)
+
+
+def serialize_reply(reply: Message | bytes) -> bytes:
+    """A reply message's wire bytes; bytes (a reply already serialized, as GetGuides answers) pass unchanged."""
+    return reply if isinstance(reply, bytes) else reply.SerializeToString()
+
+
+def add_servicer(servicer: pb_grpc.GuidanceCacheServiceServicer, server: grpc.Server) -> None:
+    """Register `servicer` on `server` as pb_grpc.add_GuidanceCacheServiceServicer_to_server does, except that replies
+    go through `serialize_reply`, so a method may answer with the serialized reply."""
+    service = pb.DESCRIPTOR.services_by_name["GuidanceCacheService"]
+    handlers = {
+        method.name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method.name),
+            request_deserializer=getattr(pb, method.input_type.name).FromString,
+            response_serializer=serialize_reply,
+        )
+        for method in service.methods
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
 
 
 def mistakes_reply(mistakes: dict[str, int]) -> pb.GetMistakesResponse:
@@ -110,9 +133,9 @@ class GuidanceCacheServicer(pb_grpc.GuidanceCacheServiceServicer):
         prune_guide_steps(self.store, request.run, self.keep_guide_steps)
         return pb.PutGuidesResponse(written=written)
 
-    def GetGuides(self, request: pb.GetGuidesRequest, context: grpc.ServicerContext) -> pb.GetGuidesResponse:
+    def GetGuides(self, request: pb.GetGuidesRequest, context: grpc.ServicerContext) -> pb.GetGuidesResponse | bytes:
         raw = getattr(self.store, "get_guides_raw", None)
-        if raw is not None:  # stored protobuf bytes: the reply is their concatenation as field 1, parsed in C
+        if raw is not None:  # stored protobuf bytes: the reply is their concatenation as field 1, sent as it is
             return raw_guides_reply(raw(request.run, request.guide_step, list(request.prompt_ids)))
         return guides_reply(self.store.get_guides(request.run, request.guide_step, list(request.prompt_ids)))
 
@@ -157,9 +180,7 @@ def serve(
     """Start GuidanceCacheService on `store` at `address` (port 0: a free one), with grpc.health.v1 reporting
     SERVING. Returns the started server and its port; stop it with `server.stop(grace)` (the store stays open)."""
     server = make_server(max_workers=max_workers, max_message_bytes=max_message_bytes)
-    pb_grpc.add_GuidanceCacheServiceServicer_to_server(
-        GuidanceCacheServicer(store, keep_guide_steps=keep_guide_steps), server
-    )
+    add_servicer(GuidanceCacheServicer(store, keep_guide_steps=keep_guide_steps), server)
     add_health(server, [SERVICE_NAME])
     port = bind(server, address)
     server.start()
