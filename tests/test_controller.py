@@ -168,7 +168,9 @@ def test_autonpo_triggers_by_itself_and_records_its_decision(services):
     assert record.state == "succeeded", record.error
     trigger = record.readings["trigger"]
     assert trigger["warning"] and trigger["step"] >= 4 and "reward_ema" in str(trigger)
-    assert record.candidates, "no candidate was scored"
+    probe_step = record.readings.get("probe_step", record.readings["paused_at"])
+    assert probe_step % services.cfg.checkpoint.every == 0  # probed at a checkpoint step: candidates exist there
+    assert record.candidates, (record.outcome, "no candidate was scored")
     for candidate in record.candidates:
         assert {"delta", "q_hat", "v_hat", "s_hat"} <= candidate.keys()
         assert candidate["v_hat"] >= 1.0  # V_hat = exp(beta * K_hat), K_hat >= 0

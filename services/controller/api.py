@@ -10,11 +10,16 @@
     GET  /v1/interventions?limit=&offset=           newest first
     GET  /v1/interventions/{id}
 
-Mutating routes need `Authorization: Bearer <token>` (compared in constant time, never logged or echoed); 401 with
-WWW-Authenticate otherwise. Without a configured token they answer 503: a controller is never open by accident.
-Reads need no token unless `read_auth`. Errors: invalid body -> 422 naming the field; a second intervention while
-one runs -> 409 with the running one's id; no such checkpoint / intervention -> 404; a request the run's state
-forbids -> 409; anything unexpected -> 500 with a one-line message (traceback in the server log only).
+Auth: mutating routes (POST, PUT) need `Authorization: Bearer <token>`, compared in constant time and never logged
+or echoed; a missing or wrong token is 401 with `WWW-Authenticate: Bearer`. When no token is configured (token=None)
+the mutating routes answer 503 "no API token configured": a controller is never open by accident. Reads (GET /v1/...)
+need no token unless `read_auth=True` (then every /v1 route needs it); /healthz never does.
+
+Errors (body `{"detail": ...}`): an invalid body or query -> 422 naming the field (types are strict: "5" is not an
+int, 1 is not a bool; unknown fields are refused; a body that is not JSON is 422 too); ValueError / ConfigError from
+the controller -> 422 with its message; errors.Busy -> 409 with `running_id`; errors.Conflict -> 409; errors.NotFound
+-> 404; anything else -> 500 with a one-line message (the traceback goes to the server log only). Non-finite floats
+in the controller's answers are sent as null (JSON has no NaN; a missing reading is null, never 0).
 """
 
 from __future__ import annotations
@@ -29,12 +34,16 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from npo.config import ConfigError
 from services.controller.errors import Busy, Conflict, NotFound
+from services.controller.records import KINDS, STATES, finite
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +52,15 @@ TOKEN_ENV = "NPO_API_TOKEN"
 
 
 def load_token(env: str = TOKEN_ENV, file: str | os.PathLike | None = None) -> str | None:
-    """The API token from `file` (stripped) when given, else the environment variable; None when neither is set.
-    An empty token is a ConfigError naming its source."""
+    """The API token from `file` (stripped) when given, else the environment variable `env`; None when neither is
+    set. An empty token or an unreadable file is a ConfigError naming its source."""
     if file is not None:
-        token = Path(file).read_text().strip()
+        try:
+            token = Path(file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"token file {file}: cannot be read ({exc.strerror or exc})") from None
         if not token:
-            raise ConfigError(f"--token-file: {file} is empty")
+            raise ConfigError(f"token file {file}: is empty")
         return token
     value = os.environ.get(env)
     if value is None:
@@ -58,26 +70,88 @@ def load_token(env: str = TOKEN_ENV, file: str | os.PathLike | None = None) -> s
     return value.strip()
 
 
+_BEARER = HTTPBearer(auto_error=False, description="the controller's API token (NPO_API_TOKEN or --token-file)")
+_Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]
+"""The `Authorization: Bearer` credentials (None when missing or not Bearer); declared in OpenAPI for /docs."""
+
+_STRICT = ConfigDict(extra="forbid", strict=True)
+
+
 class EarlyBootstrap(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Early bootstrap: scout `scout_steps` steps ahead, then replay from the current step with that guide."""
+
+    model_config = _STRICT
     scout_steps: int = Field(ge=1, le=1_000_000, description="Delta: steps to scout ahead from the current step")
 
 
 class PlateauBreakthrough(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Plateau breakthrough: roll back to `plateau_start`, guided by the checkpoint `plateau_start + lookahead`."""
+
+    model_config = _STRICT
     plateau_start: int = Field(ge=0, le=1_000_000_000, description="t_p: the step the run rolls back to")
     lookahead_steps: int = Field(ge=1, le=1_000_000, description="Delta: the guide is pi^(t_p + Delta)")
 
 
 class Rollback(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Roll the learner back to a checkpointed step."""
+
+    model_config = _STRICT
     step: int = Field(ge=0, le=1_000_000_000, description="a checkpointed step to return to")
 
 
 class AutoNPOSwitch(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Switch AutoNPO on or off and set overrides of the run config's autonpo section."""
+
+    model_config = _STRICT
     enabled: bool = Field(description="run AutoNPO from the controller")
     overrides: dict[str, Any] = Field(default_factory=dict, description="keys of the run config's autonpo section")
+
+
+class InterventionOut(BaseModel):
+    """One intervention's record (services.controller.records.Intervention)."""
+
+    id: str = Field(description="iv-000001, increasing")
+    kind: str = Field(description=" | ".join(KINDS))
+    state: str = Field(description=" | ".join(STATES))
+    created_unix_ms: int
+    updated_unix_ms: int
+    request: dict[str, Any] = Field(description="what was asked")
+    readings: dict[str, Any] = Field(description="metrics when it started (AutoNPO: the trigger's EMAs)")
+    candidates: list[dict[str, Any]] = Field(description="AutoNPO: every scored Delta with q_hat, v_hat, s_hat")
+    choice: dict[str, Any] = Field(description="what was chosen (Delta*, the plan)")
+    commands: list[dict[str, Any]] = Field(description="commands sent, in order: {at_unix_ms, call, args, result}")
+    outcome: dict[str, Any] = Field(description="how it ended")
+    error: str = Field(description="why it failed or was abandoned")
+
+
+class InterventionList(BaseModel):
+    """Interventions, newest first."""
+
+    interventions: list[InterventionOut]
+
+
+class ErrorReply(BaseModel):
+    """An error: `detail` is a message, or (422 from validation) a list of {loc, msg, type}."""
+
+    detail: str | list[dict[str, Any]]
+    running_id: str | None = Field(default=None, description="409 Busy: the running intervention's id")
+
+
+def _doc(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the error statuses a route can answer."""
+    return {status: {"model": ErrorReply, "description": _STATUS_DOC[status]} for status in statuses}
+
+
+_STATUS_DOC = {
+    401: "missing or wrong bearer token",
+    404: "no such checkpoint or intervention",
+    409: "another intervention runs (running_id), or the run's state forbids the request",
+    422: "invalid body or query (names the field), or a value the controller refuses",
+    503: "no API token is configured: mutating routes are off",
+}
+
+
+_BODY_NOT_JSON = {"loc": ["body"], "msg": "the body could not be parsed (not UTF-8 JSON)", "type": "json_invalid"}
 
 
 def _error(status: int, message: str, **extra: Any) -> JSONResponse:
@@ -85,27 +159,25 @@ def _error(status: int, message: str, **extra: Any) -> JSONResponse:
 
 
 def create_app(controller: Any, token: str | None, *, read_auth: bool = False) -> FastAPI:
-    """The API over `controller` (services.controller.engine.Controller or anything with its methods)."""
+    """The API over `controller` (services.controller.engine.Controller or anything with its methods: status,
+    start_early_bootstrap, start_plateau_breakthrough, start_rollback, set_autonpo, interventions, intervention).
+    `token` None turns the mutating routes off (503); `read_auth` makes the GET /v1 routes need the token too."""
     app = FastAPI(
         title="npo controller",
         version="1",
         description="AutoNPO controller of one run: status, manual interventions, AutoNPO switch, records.",
     )
 
-    def check(request: Request) -> None:
+    def check(credentials: _Credentials) -> None:
         if token is None:
             raise _Refused(503, "no API token configured (set NPO_API_TOKEN or --token-file)")
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        given = credentials.credentials.strip() if credentials is not None else ""
+        if not hmac.compare_digest(given.encode(), token.encode()):
             raise _Refused(401, "missing or wrong bearer token")
 
-    def check_read(request: Request) -> None:
-        if read_auth:
-            check(request)
-
     mutate = [Depends(check)]
-    read = [Depends(check_read)]
+    read = mutate if read_auth else []
+    read_errors = (401, 503) if read_auth else ()
 
     @app.exception_handler(_Refused)
     async def refused(request: Request, exc: _Refused) -> JSONResponse:
@@ -132,6 +204,12 @@ def create_app(controller: Any, token: str | None, *, read_auth: bool = False) -
     async def value_error(request: Request, exc: ValueError) -> JSONResponse:
         return _error(422, str(exc))
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # FastAPI's "error parsing the body" (e.g. not UTF-8): invalid, like bad JSON
+            return JSONResponse(status_code=422, content={"detail": [_BODY_NOT_JSON]})
+        return JSONResponse(status_code=exc.status_code, content={"detail": exc.detail}, headers=exc.headers)
+
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [
@@ -150,38 +228,48 @@ def create_app(controller: Any, token: str | None, *, read_auth: bool = False) -
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/v1/status", dependencies=read)
+    starts = _doc(401, 404, 409, 422, 503)
+
+    @app.get("/v1/status", dependencies=read, responses=_doc(*read_errors))
     def status() -> dict[str, Any]:
-        return controller.status()
+        """Step, reward, entropy (null when missing, never 0), metrics' age and error, segment, AutoNPO state,
+        running intervention."""
+        return finite(controller.status())
 
-    @app.post("/v1/interventions/early-bootstrap", status_code=202, dependencies=mutate)
-    def early_bootstrap(body: EarlyBootstrap) -> dict[str, Any]:
-        return controller.start_early_bootstrap(body.scout_steps)
+    @app.post("/v1/interventions/early-bootstrap", status_code=202, dependencies=mutate, responses=starts)
+    def early_bootstrap(body: EarlyBootstrap) -> InterventionOut:
+        """Start an early bootstrap (runs in the background); answers the running intervention."""
+        return finite(controller.start_early_bootstrap(body.scout_steps))
 
-    @app.post("/v1/interventions/plateau-breakthrough", status_code=202, dependencies=mutate)
-    def plateau_breakthrough(body: PlateauBreakthrough) -> dict[str, Any]:
-        return controller.start_plateau_breakthrough(body.plateau_start, body.lookahead_steps)
+    @app.post("/v1/interventions/plateau-breakthrough", status_code=202, dependencies=mutate, responses=starts)
+    def plateau_breakthrough(body: PlateauBreakthrough) -> InterventionOut:
+        """Start a plateau breakthrough (runs in the background); answers the running intervention."""
+        return finite(controller.start_plateau_breakthrough(body.plateau_start, body.lookahead_steps))
 
-    @app.post("/v1/rollback", status_code=202, dependencies=mutate)
-    def rollback(body: Rollback) -> dict[str, Any]:
-        return controller.start_rollback(body.step)
+    @app.post("/v1/rollback", status_code=202, dependencies=mutate, responses=starts)
+    def rollback(body: Rollback) -> InterventionOut:
+        """Start a rollback to a checkpointed step (runs in the background); answers the running intervention."""
+        return finite(controller.start_rollback(body.step))
 
-    @app.put("/v1/autonpo", dependencies=mutate)
+    @app.put("/v1/autonpo", dependencies=mutate, responses=_doc(401, 409, 422, 503))
     def autonpo(body: AutoNPOSwitch) -> dict[str, Any]:
-        return controller.set_autonpo(body.enabled, body.overrides)
+        """Switch AutoNPO and set its overrides; answers the AutoNPO state."""
+        return finite(controller.set_autonpo(body.enabled, body.overrides))
 
-    @app.get("/v1/interventions", dependencies=read)
+    @app.get("/v1/interventions", dependencies=read, responses=_doc(*read_errors, 422))
     def interventions(
         limit: Annotated[int, Query(ge=1, le=1000)] = 100, offset: Annotated[int, Query(ge=0, le=10**9)] = 0
-    ) -> dict[str, Any]:
-        return {"interventions": controller.interventions(limit, offset)}
+    ) -> InterventionList:
+        """Interventions, newest first."""
+        return {"interventions": finite(controller.interventions(limit, offset))}
 
-    @app.get("/v1/interventions/{intervention_id}", dependencies=read)
-    def intervention(intervention_id: str) -> dict[str, Any]:
+    @app.get("/v1/interventions/{intervention_id}", dependencies=read, responses=_doc(*read_errors, 404))
+    def intervention(intervention_id: Annotated[str, PathParam(max_length=64)]) -> InterventionOut:
+        """One intervention's record; 404 when there is none."""
         found = controller.intervention(intervention_id)
         if found is None:
             raise NotFound(f"no intervention {intervention_id!r}")
-        return found
+        return finite(found)
 
     return app
 
@@ -193,8 +281,8 @@ class _Refused(Exception):
 
 
 def serve_api(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> tuple[Any, threading.Thread, int]:
-    """Run `app` with uvicorn in a daemon thread on host:port (0: a free port). Returns (server, thread, port);
-    stop with `server.should_exit = True; thread.join()`."""
+    """Run `app` with uvicorn in a daemon thread on host:port (0: a free port), once it accepts connections.
+    Returns (server, thread, bound port); stop with `stop_api(server, thread)`."""
     import uvicorn
 
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
@@ -211,3 +299,11 @@ def serve_api(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> tuple[Any
             raise RuntimeError(f"the API did not start on {host}:{bound}")
         time.sleep(0.02)
     return server, thread, bound
+
+
+def stop_api(server: Any, thread: threading.Thread, timeout_s: float = 10.0) -> None:
+    """Stop a server started by serve_api: finish requests in flight, close the socket, join the thread."""
+    server.should_exit = True
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise TimeoutError(f"the API did not stop within {timeout_s:g} s")

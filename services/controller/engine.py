@@ -455,11 +455,21 @@ class Controller:
                 self._save_autonpo()
             return {**outcome, "intervened": False, "main_line": self._continue_main(iv, end)}
 
+        every = self.cfg.checkpoint.every
+        if t % every:  # probe at a checkpoint step, as the embedded runner does: candidates t - Delta exist there
+            ahead = every - t % every
+            if end is None or t + ahead > end:
+                return resume({"reason": f"no checkpoint step before the segment's end ({end})"})
+            self._run(iv, t, ahead, "grpo")
+            t += ahead
+            self.records.update(iv, readings={**readings, "probe_step": t})
         path_t = self._save_checkpoint(iv)
         have = self._checkpoints()
         with self._lock:
             deltas = self.autonpo.candidate_deltas(t, have)
         if not deltas:
+            with self._lock:
+                self.autonpo.cooldown_until = t + cfg.window
             return resume({"reason": f"no checkpoint at any candidate distance from step {t}"})
         mistakes = self._cmd(
             iv,

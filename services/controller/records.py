@@ -1,7 +1,10 @@
 """Durable intervention records and controller state, in SQLite (WAL, one transaction per write).
 
-A committed write survives a SIGKILL of the controller; an uncommitted one is never half-visible. Starting an
-intervention checks and inserts in one IMMEDIATE transaction, so two concurrent starts cannot both win.
+A committed write survives a SIGKILL of the controller (WAL with synchronous=FULL); an uncommitted one is never
+half-visible (each write is one transaction, rolled back on any error). Starting an intervention checks and inserts
+in one IMMEDIATE transaction, so two concurrent starts (threads, or processes on the same file) cannot both win.
+Values are stored as JSON; non-finite floats (NaN, inf) are stored as null, since JSON has no such numbers and a
+missing reading is never 0.
 
     records = InterventionRecords("runs/svc/controller/controller.db")
     iv = records.start("rollback", {"step": 20})          # errors.Busy when one is running
@@ -12,6 +15,7 @@ intervention checks and inserts in one IMMEDIATE transaction, so two concurrent 
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import threading
 import time
@@ -19,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from services.controller.errors import Busy, NotFound
+from services.controller.errors import Busy, Conflict, NotFound
 
 KINDS = ("autonpo", "early_bootstrap", "plateau_breakthrough", "rollback")
 """Intervention kinds."""
@@ -51,6 +55,22 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def finite(value: Any) -> Any:
+    """`value` with every non-finite float (NaN, inf) replaced by None, in nested dicts, lists and tuples."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def _dumps(value: Any) -> str:
+    """JSON text of `value` (non-finite floats as null; other non-JSON objects as their str)."""
+    return json.dumps(finite(value), default=str, allow_nan=False)
+
+
 @dataclass
 class Intervention:
     """One intervention and everything it did."""
@@ -62,7 +82,9 @@ class Intervention:
     state: str
     """running | succeeded | failed | abandoned"""
     created_unix_ms: int
+    """When it was started (Unix time, ms)."""
     updated_unix_ms: int
+    """When its record last changed (Unix time, ms)."""
     request: dict = field(default_factory=dict)
     """What was asked (the API body, or the trigger for AutoNPO)."""
     readings: dict = field(default_factory=dict)
@@ -79,6 +101,7 @@ class Intervention:
     """Why it failed or was abandoned."""
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field (what the REST API answers)."""
         return asdict(self)
 
 
@@ -95,6 +118,7 @@ class InterventionRecords:
         self._db.executescript(_SCHEMA)
 
     def close(self) -> None:
+        """Close the database connection (committed writes are already on disk)."""
         with self._lock:
             self._db.close()
 
@@ -140,17 +164,17 @@ class InterventionRecords:
                 raise Busy(running[0])
             seq = (cur.execute("SELECT COALESCE(MAX(seq), 0) FROM interventions").fetchone()[0]) + 1
             now = _now_ms()
-            iv = Intervention(f"iv-{seq:06d}", kind, "running", now, now, request=dict(request))
+            iv = Intervention(f"iv-{seq:06d}", kind, "running", now, now, request=finite(dict(request)))
             cur.execute(
                 "INSERT INTO interventions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (seq, iv.id, kind, "running", now, now, *(json.dumps(getattr(iv, f)) for f in _JSON_FIELDS), ""),
+                (seq, iv.id, kind, "running", now, now, *(_dumps(getattr(iv, f)) for f in _JSON_FIELDS), ""),
             )
             return iv
 
         return self._tx(insert)
 
     def update(self, intervention_id: str, **fields: Any) -> Intervention:
-        """Replace some of readings, candidates, choice, outcome, error."""
+        """Replace some of readings, candidates, choice, outcome, error; NotFound for an unknown id."""
         allowed = {"readings", "candidates", "choice", "outcome", "error"}
         unknown = set(fields) - allowed
         if unknown:
@@ -159,7 +183,7 @@ class InterventionRecords:
         def write(cur: sqlite3.Cursor) -> Intervention:
             iv = self._get(cur, intervention_id)
             for name, value in fields.items():
-                setattr(iv, name, value)
+                setattr(iv, name, finite(value))
             iv.updated_unix_ms = _now_ms()
             self._write(cur, iv)
             return iv
@@ -167,26 +191,29 @@ class InterventionRecords:
         return self._tx(write)
 
     def add_command(self, intervention_id: str, call: str, args: dict[str, Any], result: Any = None) -> None:
-        """Append one command sent (with its result) to the intervention's log."""
+        """Append one command sent (with its result) to the intervention's log; NotFound for an unknown id."""
 
         def write(cur: sqlite3.Cursor) -> None:
             iv = self._get(cur, intervention_id)
-            iv.commands.append({"at_unix_ms": _now_ms(), "call": call, "args": args, "result": result})
+            iv.commands.append(finite({"at_unix_ms": _now_ms(), "call": call, "args": args, "result": result}))
             iv.updated_unix_ms = _now_ms()
             self._write(cur, iv)
 
         self._tx(write)
 
     def finish(self, intervention_id: str, state: str, outcome: dict | None = None, error: str = "") -> Intervention:
-        """End a running intervention in a final state."""
+        """End a running intervention in a final state (succeeded | failed | abandoned). NotFound for an unknown id;
+        Conflict when it has ended already (a final state is never overwritten)."""
         if state not in STATES or state == "running":
             raise ValueError(f"state: expected one of {STATES[1:]}, got {state!r}")
 
         def write(cur: sqlite3.Cursor) -> Intervention:
             iv = self._get(cur, intervention_id)
+            if iv.state != "running":
+                raise Conflict(f"intervention {intervention_id} has ended already ({iv.state})")
             iv.state, iv.error, iv.updated_unix_ms = state, error, _now_ms()
             if outcome is not None:
-                iv.outcome = outcome
+                iv.outcome = finite(outcome)
             self._write(cur, iv)
             return iv
 
@@ -197,17 +224,20 @@ class InterventionRecords:
         cur.execute(
             "UPDATE interventions SET state=?, updated_unix_ms=?, request=?, readings=?, candidates=?, choice=?, "
             "commands=?, outcome=?, error=? WHERE id=?",
-            (iv.state, iv.updated_unix_ms, *(json.dumps(getattr(iv, f), default=str) for f in _JSON_FIELDS),
+            (iv.state, iv.updated_unix_ms, *(_dumps(getattr(iv, f)) for f in _JSON_FIELDS),
              iv.error, iv.id),
         )  # fmt: skip
 
     def get(self, intervention_id: str) -> Intervention | None:
+        """The intervention with this id, or None."""
         with self._lock:
             row = self._db.execute("SELECT * FROM interventions WHERE id = ?", (intervention_id,)).fetchone()
         return self._row(row)
 
     def list(self, limit: int = 100, offset: int = 0, kind: str | None = None) -> list[Intervention]:
-        """Newest first."""
+        """At most `limit` interventions (of `kind` when given), newest first, skipping the `offset` newest."""
+        if limit < 0 or offset < 0:
+            raise ValueError(f"limit, offset: must be >= 0, got {limit}, {offset}")
         query, args = "SELECT * FROM interventions", []
         if kind is not None:
             query, args = query + " WHERE kind = ?", [kind]
@@ -216,6 +246,7 @@ class InterventionRecords:
         return [self._row(r) for r in rows]
 
     def running(self) -> Intervention | None:
+        """The running intervention (at most one), or None."""
         with self._lock:
             row = self._db.execute("SELECT * FROM interventions WHERE state = 'running' LIMIT 1").fetchone()
         return self._row(row)
@@ -223,9 +254,11 @@ class InterventionRecords:
     # -- controller state ------------------------------------------------------------------------------------------
 
     def get_state(self, key: str, default: Any = None) -> Any:
+        """The JSON value stored under `key` (cool-down, AutoNPO switch and overrides, trigger state), or default."""
         with self._lock:
             row = self._db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
         return json.loads(row[0]) if row else default
 
     def set_state(self, key: str, value: Any) -> None:
-        self._tx(lambda cur: cur.execute("INSERT OR REPLACE INTO state VALUES (?, ?)", (key, json.dumps(value))))
+        """Store the JSON value `value` under `key`, replacing any previous one, in one transaction."""
+        self._tx(lambda cur: cur.execute("INSERT OR REPLACE INTO state VALUES (?, ?)", (key, _dumps(value))))
