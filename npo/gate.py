@@ -56,6 +56,13 @@ def group_pass_rate(samples: Sequence[Sample], correct_threshold: float) -> floa
     return sum(s.reward >= correct_threshold for s in samples) / len(samples)
 
 
+def first_correct(groups: Sequence[Sequence[Sample]], correct_threshold: float) -> list[Sample]:
+    """The first verified-correct sample (reward >= correct_threshold) of each group that has one, in group order:
+    the guides a guide policy's groups yield."""
+    return [next(s for s in g if s.reward >= correct_threshold) for g in groups if any(
+        s.reward >= correct_threshold for s in g)]  # fmt: skip
+
+
 def should_replace(pass_rate: float, tau_gate: float) -> bool:
     """The gate: replace slot n when p_hat <= tau_gate."""
     if not 0.0 <= tau_gate <= 1.0:

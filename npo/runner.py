@@ -39,7 +39,7 @@ import torch
 from npo.autonpo import AutoNPO, mean_token_kl
 from npo.checkpoint import CheckpointManager, rng_state, set_rng_state
 from npo.config import Method
-from npo.gate import build_mixed_groups, group_pass_rate
+from npo.gate import build_mixed_groups, first_correct, group_pass_rate
 from npo.interventions import (
     InterventionPlan,
     autonpo_plan,
@@ -441,11 +441,7 @@ class Runner:
             prompt_ids, cfg.npo.guide_samples, self._rollout_params(), seed=derive_seed(cfg.seed, "guides", guide_step)
         )
         groups = self._verify(problems, gens, guide_step)
-        guides = [
-            next(s for s in g if s.reward >= cfg.algo.correct_threshold)
-            for g in groups
-            if any(s.reward >= cfg.algo.correct_threshold for s in g)
-        ]
+        guides = first_correct(groups, cfg.algo.correct_threshold)
         if guides:
             self.store.put_guides(self.run, guide_step, guides)
         return len(guides)

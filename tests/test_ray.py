@@ -1,11 +1,11 @@
 """The roles placed on a local Ray cluster (2 CPUs, on 127.0.0.1) as Ray actors running the services, talking
 gRPC: a seeded tiny run driven through the learner gives the embedded run's metrics."""
 
-import json
-
 import pytest
 
 ray = pytest.importorskip("ray")
+
+from rows import assert_rows_close, read_rows  # noqa: E402
 
 from npo.models import load_policy  # noqa: E402
 from npo.run_config import load_run_config  # noqa: E402
@@ -15,8 +15,6 @@ from services.guidance_cache.embedded import EmbeddedRedis  # noqa: E402
 from services.guidance_cache.store import RedisGuideStore  # noqa: E402
 from services.launcher import train_connected  # noqa: E402
 from services.ray_backend import down_ray_handles, up_ray  # noqa: E402
-
-TIMING = {"wall_time", "gen_seconds", "train_seconds", "weight_sync_seconds"}
 
 
 @pytest.mark.slow
@@ -43,7 +41,7 @@ def test_roles_on_a_local_ray_cluster_give_the_embedded_metrics(tmp_path):
     finally:
         down_ray_handles(handles)
         ray.shutdown()
-    served = [json.loads(line) for line in (tmp_path / "ray-run" / "metrics.jsonl").read_text().splitlines()]
+    served = read_rows(tmp_path / "ray-run")
     assert run_dir.endswith("ray-run")
 
     cfg = load_run_config(str(config), overrides)
@@ -52,14 +50,6 @@ def test_roles_on_a_local_ray_cluster_give_the_embedded_metrics(tmp_path):
     policy = load_policy(cfg.model, seed=cfg.seed, warmup_pairs=pairs, alphabet=COMPACT_ALPHABET)
     with EmbeddedRedis() as redis, RedisGuideStore(redis.url) as store:
         Runner(cfg, tmp_path / "embedded", policy=policy, task=task, store=store, progress=False).train()
-    embedded = [json.loads(line) for line in (tmp_path / "embedded" / "metrics.jsonl").read_text().splitlines()]
+    embedded = read_rows(tmp_path / "embedded")
     assert [r["segment"] for r in served] == [r["segment"] for r in embedded]
-    for a, b in zip(served, embedded, strict=True):
-        a = {k: v for k, v in a.items() if k not in TIMING}
-        b = {k: v for k, v in b.items() if k not in TIMING}
-        assert a.keys() == b.keys()
-        for key in a:
-            if isinstance(b[key], float):
-                assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9, nan_ok=True), (a["step"], key)
-            else:
-                assert a[key] == b[key], (a["step"], key)
+    assert_rows_close(served, embedded)

@@ -32,6 +32,7 @@ import numpy as np
 
 from npo.autonpo import AutoNPO, mean_token_kl
 from npo.config import AutoNPOConfig, from_dict, to_dict
+from npo.gate import first_correct
 from npo.interventions import early_bootstrap_plan, plateau_breakthrough_plan
 from npo.run_config import RunConfig
 from npo.runner import PromptSampler, derive_seed
@@ -43,17 +44,6 @@ log = logging.getLogger(__name__)
 
 AUTONPO_STATE_KEY = "autonpo"
 """records' state key of the AutoNPO switch, its overrides, the trigger's state and the last step observed."""
-
-
-def first_correct(groups: Sequence[Sequence[Sample]], threshold: float) -> dict[str, Sample]:
-    """prompt_id -> the first verified-correct sample of each group that has one."""
-    out = {}
-    for group in groups:
-        for sample in group:
-            if sample.reward >= threshold:
-                out[sample.prompt_id] = sample
-                break
-    return out
 
 
 class Controller:
@@ -396,7 +386,7 @@ class Controller:
         problems = list({p.prompt_id: p for s in replay for p in self.sampler.batch(s)}.values())
         self._load_policy(iv, guide_step, path)
         groups = self._sample(iv, problems, self.cfg.npo.guide_samples, "guides", guide_step)
-        guides = list(first_correct(groups, self.cfg.algo.correct_threshold).values())
+        guides = first_correct(groups, self.cfg.algo.correct_threshold)
         if guides:
             self._cmd(
                 iv,
