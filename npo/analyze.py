@@ -288,6 +288,107 @@ def analyze_run(
     return rows
 
 
+def analyze_sources(
+    folder: str | Path,
+    *,
+    anchors: Sequence[int],
+    deltas: Sequence[int],
+    models: dict[str, Path] | None = None,
+    num_prompts: int = 128,
+    samples: int = 8,
+    seed: int = 0,
+    task: TaskLike | None = None,
+    params: SamplingParams | None = None,
+    correct_threshold: float | None = None,
+) -> list[dict[str, Any]]:
+    """Q, KL, V, S of every guide source against the anchor policies pi^(t) of one run (module docstring):
+
+        resample     pi^(t) itself, another draw (Delta = 0: the noise floor Q(0))
+        near_future  pi^(t + Delta)       (NPO)                      delta = +Delta
+        past         pi^(t - Delta)       (replay of the run's own earlier trajectories)  delta = -Delta
+        <name>       a model folder of `models`, e.g. far_future (a finished run's final checkpoint) or external
+                     (another model); delta = None
+
+    A source is skipped where its checkpoint does not exist. Each policy is loaded once to sample; each anchor is
+    loaded once more to score every source's samples. Returns one dict per (anchor, source, delta) with keys anchor,
+    source, delta, prompts, samples, failed, solved, q, q0, kl_k3, kl_k1, mean_len, v, s, pass_rate_source.
+    """
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per loaded checkpoint would drown the log
+    folder = Path(folder)
+    task, params, threshold = _run_settings(folder, task, params, correct_threshold)
+    if not params.temperature > 0:
+        raise ValueError(f"params.temperature: must be > 0 to score samples, got {params.temperature}")
+    for d in deltas:
+        if isinstance(d, bool) or not isinstance(d, int) or d <= 0:
+            raise ValueError(f"deltas: must be integers > 0, got {d!r}")
+    ckpt = CheckpointManager(folder / "checkpoints")
+    have = set(ckpt.steps())
+    anchors = sorted({t for t in anchors if t in have})
+    if not anchors:
+        raise ValueError(f"anchors: none of them is a checkpoint of {folder} (checkpoints: {sorted(have)})")
+    problems = pick_prompts(task.train, num_prompts, seed)
+    plan: dict[int, list[tuple[str, int | None, tuple[str, Any]]]] = {}
+    for t in anchors:
+        entries: list[tuple[str, int | None, tuple[str, Any]]] = [("resample", 0, ("step", t))]
+        for d in sorted(deltas):
+            if t + d in have:
+                entries.append(("near_future", d, ("step", t + d)))
+            if t - d in have:
+                entries.append(("past", -d, ("step", t - d)))
+        for name, path in sorted((models or {}).items()):
+            entries.append((name, None, ("model", str(path))))
+        plan[t] = entries
+
+    def load(key: tuple[str, Any]) -> PolicyLike:
+        if key[0] == "step":
+            ckpt.verify(key[1])
+            return load_checkpoint_policy(ckpt.path(key[1]))
+        return load_checkpoint_policy(Path(key[1]))
+
+    draws: dict[tuple[str, Any], Draw] = {}
+    for key in sorted({k for entries in plan.values() for _, _, k in entries}, key=str):
+        policy = load(key)
+        engine = TransformersEngine(policy.model, eos_id=policy.eos_id, pad_id=policy.pad_id)
+        future_seed = derive_seed(seed, "future")
+        draws[key] = draw(policy, engine, task.reward, problems, samples, params, future_seed, threshold)
+        del policy, engine
+    rows = []
+    for t, entries in plan.items():
+        policy = load(("step", t))
+        engine = TransformersEngine(policy.model, eos_id=policy.eos_id, pad_id=policy.pad_id)
+        anchor = draw(policy, engine, task.reward, problems, samples, params, derive_seed(seed, "anchor"), threshold)
+        q0 = q_value(anchor.solved, draws[("step", t)].solved)[0]
+        for source, delta, key in entries:
+            other = draws[key]
+            q, failed, solved = q_value(anchor.solved, other.solved)
+            under_anchor = engine.score(other.prompt_ids, other.responses, temperature=params.temperature)
+            k3, k1 = (mean_token_kl(other.logprobs, under_anchor, e) for e in ("k3", "k1"))
+            v, s = signal_value(q, k3, other.mean_length)
+            rows.append(
+                {
+                    "anchor": t,
+                    "source": source,
+                    "delta": delta,
+                    "prompts": len(problems),
+                    "samples": samples,
+                    "failed": failed,
+                    "solved": solved,
+                    "q": q,
+                    "q0": q0,
+                    "kl_k3": k3,
+                    "kl_k1": k1,
+                    "mean_len": other.mean_length,
+                    "v": v,
+                    "s": s,
+                    "pass_rate_source": other.pass_rate,
+                }
+            )
+        del policy, engine
+    return [{k: _jsonable(v) for k, v in row.items()} for row in rows]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Output.
 

@@ -151,6 +151,35 @@ class NPOConfig:
     """Samples per prompt drawn from the guide checkpoint; the first verified-correct one becomes the guide."""
 
 
+GUIDE_SOURCES = ("auto", "near_future", "past", "far_future", "external", "none")
+MODEL_SOURCES = ("far_future", "external")
+
+
+@dataclass
+class GuideConfig:
+    """Where the guide slot's trajectory comes from (docs/npo-method.md section 5: the quality/variance trade-off)."""
+
+    source: str = "auto"
+    """near_future: pi^(t+Delta) of this run, reached by scouting ahead (NPO; method npo or autonpo). past: the run's
+    own earlier verified trajectories (ExGRPO-like replay). far_future: a finished run's final checkpoint,
+    `guide.model` (RLEP-like). external: another model, `guide.model` (LUFFY-like). none: no guide (GRPO).
+    auto = near_future for method npo/autonpo, none for grpo. past, far_future and external run with method grpo and
+    offer a guide at every step to every gated group (pass rate <= algo.tau_gate) that has one."""
+    model: str = ""
+    """far_future / external: the guide model's HF folder (a checkpoint folder of another run, or any model with the
+    policy's vocabulary). Its guides are sampled once for the whole train split (npo.guide_samples per prompt, seeded
+    by the run seed; the first verified-correct sample of a prompt is its guide) and counted in samples_total."""
+    past_max_age: int = 0
+    """past: replay only trajectories at most this many steps old (0 = any age). The newest verified trajectory of a
+    prompt is kept; a rollback to step s forgets those sampled at or after s."""
+
+    def resolved(self, method: Method) -> str:
+        """The source in effect: auto resolved by the method."""
+        if self.source != "auto":
+            return self.source
+        return "none" if method is Method.GRPO else "near_future"
+
+
 @dataclass
 class RunConfig:
     """A training run."""
@@ -175,6 +204,8 @@ class RunConfig:
     """AutoNPO trigger and Delta selection."""
     npo: NPOConfig = field(default_factory=NPOConfig)
     """Manual NPO interventions."""
+    guide: GuideConfig = field(default_factory=GuideConfig)
+    """Guide source (near future, past, far future, external, none)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Held-out evaluation."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -232,6 +263,22 @@ class RunConfig:
                 raise ConfigError(
                     f"npo.late.at_step: {late.at_step} starts before the early intervention ends (step {early_end})"
                 )
+        g = self.guide
+        if g.source not in GUIDE_SOURCES:
+            raise ConfigError(f"guide.source: must be one of {list(GUIDE_SOURCES)}, got {g.source!r}")
+        source = g.resolved(self.method)
+        if self.method is not Method.GRPO and source != "near_future":
+            raise ConfigError(
+                f"guide.source: method {self.method.value} takes its guides from the near future; {source!r} guides "
+                "run with method: grpo"
+            )
+        if self.method is Method.GRPO and source == "near_future":
+            raise ConfigError("guide.source: near_future guides come from scouting ahead: use method npo or autonpo")
+        if source in MODEL_SOURCES and not g.model:
+            raise ConfigError(f"guide.model: guide.source {source!r} needs the guide model's folder")
+        if source not in MODEL_SOURCES and g.model:
+            raise ConfigError(f"guide.model: only used by guide.source far_future or external, not {source!r}")
+        _check_range("guide.past_max_age", g.past_max_age, 0)
         for d in self.autonpo.candidate_deltas:
             if d % self.checkpoint.every:
                 raise ConfigError(

@@ -48,7 +48,7 @@ from npo.interventions import (
 )
 from npo.learner import TorchLearner, load_weights
 from npo.rollout import RolloutEngine, SamplingParams, TransformersEngine
-from npo.run_config import RunConfig, run_config_to_dict
+from npo.run_config import MODEL_SOURCES, RunConfig, run_config_to_dict
 from npo.store import GuideStore, sample_from_json, sample_to_json
 from npo.types import Problem, Sample
 
@@ -196,6 +196,9 @@ class Runner:
         self._last_reading = None
         self._pending_eval: dict[str, Any] = {}
         self._tb = None
+        self.guide_source = cfg.guide.resolved(cfg.method)
+        self._past: dict[str, Sample] = {}  # guide.source past: prompt -> newest verified trajectory
+        self._model_guides: dict[str, Sample] | None = None  # far_future / external: prompt -> guide
         if cfg.method is Method.NPO:
             for name, make in (("early", early_bootstrap_plan), ("late", plateau_breakthrough_plan)):
                 iv = getattr(cfg.npo, name)
@@ -326,10 +329,18 @@ class Runner:
             self.store.record_mistakes(self.run, t, failed)
 
         guides: dict[str, Sample] = {}
-        if self.segment.npo:
-            gated = [p for p, r in pass_rates.items() if r <= cfg.algo.tau_gate]
-            if gated:
-                guides = self.store.get_guides(self.run, self.segment.guide_step, gated)
+        gated = [p for p, r in pass_rates.items() if r <= cfg.algo.tau_gate]
+        if self.segment.npo and gated:
+            guides = self.store.get_guides(self.run, self.segment.guide_step, gated)
+        elif self.guide_source == "past":
+            oldest = t - cfg.guide.past_max_age if cfg.guide.past_max_age else 0
+            guides = {p: self._past[p] for p in gated if p in self._past and self._past[p].policy_step >= oldest}
+        elif self.guide_source in MODEL_SOURCES:
+            model_guides = self._guide_model_guides()
+            guides = {p: model_guides[p] for p in gated if p in model_guides}
+        if self.guide_source == "past":
+            for sample in first_correct(groups, thr):
+                self._past[sample.prompt_id] = sample
 
         def rollout_logprobs(guide_samples: list[Sample]) -> list[list[float]]:
             return self.engine.score(
@@ -446,6 +457,49 @@ class Runner:
             self.store.put_guides(self.run, guide_step, guides)
         return len(guides)
 
+    def _guide_model_guides(self) -> dict[str, Sample]:
+        """guide.source far_future / external: guide.model's first verified-correct sample of npo.guide_samples for
+        every train prompt, sampled once (seeded by the run seed only, so a resumed run gets the same guides)."""
+        if self._model_guides is not None:
+            return self._model_guides
+        from npo.models import ModelConfig, load_policy
+
+        cfg = self.cfg
+        folder = Path(cfg.guide.model).expanduser()
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"guide.model: {folder} is not an HF model folder (no config.json)")
+        guide_policy = load_policy(ModelConfig(preset=str(folder), dtype="float32"), seed=0)
+        if guide_policy.tokenizer.get_vocab() != self.policy.tokenizer.get_vocab():
+            raise ValueError(f"guide.model: {folder} has another vocabulary than the policy (tokens must be shared)")
+        device = next(self.policy.model.parameters()).device
+        guide_policy.model.to(device)
+        engine = TransformersEngine(guide_policy.model, eos_id=guide_policy.eos_id, pad_id=guide_policy.pad_id)
+        problems = list(self.task.train)
+        guides: dict[str, Sample] = {}
+        chunk = 512
+        for lo in range(0, len(problems), chunk):
+            part = problems[lo : lo + chunk]
+            gens = engine.generate(
+                [self.policy.encode_prompt(p) for p in part],
+                cfg.npo.guide_samples,
+                self._rollout_params(),
+                seed=derive_seed(cfg.seed, f"guide-model/{lo}", 0),
+            )
+            for sample in first_correct(self._verify(part, gens, -1), cfg.algo.correct_threshold):
+                guides[sample.prompt_id] = sample
+        self._model_guides = guides
+        self._record(
+            {
+                "kind": self.guide_source,
+                "event": "guides",
+                "step": self.step,
+                "model": str(folder),
+                "prompts": len(problems),
+                "guides": len(guides),
+            }
+        )
+        return guides
+
     def _maybe_autonpo(self, t: int) -> None:
         reading = self._last_reading
         if reading is None or not self.autonpo.wants_probe(reading):
@@ -557,6 +611,7 @@ class Runner:
             "plans": [{"plan": e["plan"].to_dict(), "phase": e["phase"]} for e in self.plans],
             "autonpo": self.autonpo.state_dict(),
             "mistakes": sorted(self.store.get_mistakes(self.run, 0, 1 << 62).items()),
+            "past_guides": [sample_to_json(s) for _, s in sorted(self._past.items())],
             "metrics_lines": _count_lines(self.out / "metrics.jsonl"),
             "interventions_lines": _count_lines(self.out / "interventions.jsonl"),
             "wall_time": self.wall_offset + time.perf_counter() - self._start,
@@ -609,6 +664,7 @@ class Runner:
         self._restore_trainer(to_step)
         self.step = to_step
         self.store.truncate_mistakes(self.run, to_step)
+        self._past = {p: s for p, s in self._past.items() if s.policy_step < to_step}
         self.autonpo.on_rollback(to_step)
         self._last_reading = None
         self._pending_eval = self._evaluate(to_step) if self._eval_due(to_step) else {}
@@ -626,6 +682,7 @@ class Runner:
         self.plans = [{"plan": InterventionPlan(**_plan_args(e["plan"])), "phase": e["phase"]} for e in state["plans"]]
         self.autonpo.load_state_dict(state["autonpo"])
         self.wall_offset = state["wall_time"]
+        self._past = {s.prompt_id: s for s in map(sample_from_json, state.get("past_guides", []))}
         self.store.truncate_mistakes(self.run, 0)
         by_step: dict[int, list[str]] = {}
         for prompt_id, s in state["mistakes"]:

@@ -12,6 +12,7 @@
     npo compare DIR [DIR ...] [--out DIR]           table + overlay plots
     npo analyze DIR [--deltas 0,10,20,40]           Q(Delta), V(Delta), S(Delta) across a run's checkpoints
     npo config  [--config FILE]                     every option with its default and documentation
+    npo experiment FILE [--background|--report-only] a grid of arms x seeds, Q/V/S analysis, a results report
 
 Embedded default: every role runs in this process; the guidance cache is a real Redis-protocol server started
 here (cache.url empty) and stopped on exit. This module is the composition root, so it may import services.
@@ -316,6 +317,11 @@ def main(argv: list[str] | None = None) -> int:
     p_an.add_argument("--samples", type=int, default=8, help="samples per prompt")
     p_an.add_argument("--seed", type=int, default=0)
 
+    p_exp = sub.add_parser("experiment", help="run a grid of arms x seeds (resumable), analyse, write the report")
+    p_exp.add_argument("file", help="experiment file, e.g. configs/experiments/paper_claims.yaml")
+    p_exp.add_argument("--background", action="store_true", help="run detached; the log goes to OUT/experiment.log")
+    p_exp.add_argument("--report-only", action="store_true", help="only rewrite the report from finished runs")
+
     p_cfg = sub.add_parser("config", help="print every config option with its default and documentation")
     p_cfg.add_argument("--config", help="print this file resolved instead")
     p_cfg.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -416,6 +422,19 @@ def main(argv: list[str] | None = None) -> int:
                 samples=args.samples,
                 seed=args.seed,
             )
+        elif args.command == "experiment":
+            from services import experiment
+
+            if args.background:
+                pid, log_path = experiment.start_background(args.file)
+                print(f"experiment running in the background (pid {pid}); follow it with: tail -f {log_path}")
+                print("run the same command again to resume it after an interruption")
+            else:
+
+                def log(message: str) -> None:
+                    print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
+
+                experiment.run_experiment(args.file, report_only=args.report_only, log=log)
         elif args.command == "config":
             import yaml
 
