@@ -205,6 +205,39 @@ def arm_stats(
     return out
 
 
+CRN_KEYS = ("reward_mean", "pass_rate", "loss", "entropy")
+"""Row values compared by crn_prefix (everything a step computes from its rollouts and update)."""
+
+
+def crn_prefix(arm: RunData, base: RunData) -> tuple[int, int | None]:
+    """Common random numbers, checked: (k, s) where the first k rows the arm wrote equal the baseline's rows of the
+    same steps on CRN_KEYS, and s is the step of the first row that differs (None if none differs). An NPO run's
+    scout is its GRPO twin's first steps, so k >= the scout length and the first difference is a guided step."""
+    by_step = {int(r["step"]): r for r in base.rows if r.get("segment") != FINAL}
+    k = 0
+    for row in arm.rows:
+        if row.get("segment") == FINAL:
+            break
+        twin = by_step.get(int(row["step"]))
+        if twin is None or any(row.get(key) != twin.get(key) for key in CRN_KEYS):
+            return k, int(row["step"])
+        k += 1
+    return k, None
+
+
+def activity(run: RunData) -> dict[str, int]:
+    """What an arm did besides plain steps: guide slots on the main line, guide slots spent in total (scouts and
+    superseded replays included), rollbacks, AutoNPO probes, optimizer steps and samples of the whole run."""
+    return {
+        "guide_slots": int(sum(r.get("guide_slots", 0) or 0 for r in run.main if r.get("segment") != FINAL)),
+        "guide_slots_spent": int(sum(r.get("guide_slots", 0) or 0 for r in run.rows)),
+        "rollbacks": len(run.rollbacks),
+        "probes": sum(e.get("event") == "probe" for e in run.interventions),
+        "optimizer_steps": int(run.last.get("optimizer_steps", 0) or 0),
+        "samples_total": int(run.last.get("samples_total", 0) or 0),
+    }
+
+
 def reach_summary(stats: dict[str, Any], key: str) -> tuple[int, int, float | None]:
     """(seeds that reached the target, seeds, mean of reach[key] over the seeds that reached it)."""
     hits = [r[key] for r in stats["reach"].values() if r is not None]
@@ -748,6 +781,8 @@ def write_results(
         return f"![{FIGURES[name]}]({rel}/{name})"
 
     parts = ["# Results", "", _meta_lines(meta), ""]
+    if spec.get("discussion"):
+        parts += [str(spec["discussion"]).rstrip(), ""]
     parts += [
         f"Arms x seeds: {len(arms)} x {len(seeds)} (seeds {', '.join(map(str, seeds))}); baseline `{base_name}`; "
         f"T = {horizon}; window = {window} steps; samples_per_step = {sps}; held-out samples per evaluation = "
@@ -854,6 +889,43 @@ def write_results(
         [str(s)] + [_pts(stats[a]["final"][s]) if grid[a][s] is not None else "missing" for a in arms] for s in seeds
     ]
     parts += ["## Final accuracy at T per seed (points)", "", markdown_table(["seed", *arms], seed_rows), ""]
+
+    # What each arm did, and the common-random-numbers check.
+    act_rows = []
+    for a in arms:
+        acts = [activity(grid[a][s]) for s in seeds if grid[a][s] is not None]
+        crn = [
+            crn_prefix(grid[a][s], grid[base_name][s])
+            for s in seeds
+            if a != base_name and grid[a][s] is not None and grid[base_name][s] is not None
+        ]
+        keys = ("guide_slots", "guide_slots_spent", "rollbacks", "probes", "optimizer_steps", "samples_total")
+        cells = [a] + [_pm([x[k] for x in acts], scale=1.0) for k in keys]
+        cells.append(", ".join(f"{k}" + (f"→{d}" if d is not None else "") for k, d in crn) if crn else "-")
+        act_rows.append(cells)
+    parts += [
+        "## What each arm did (mean ± s.e. over seeds)",
+        "",
+        "guide slots: guides inserted on the main line / in every step written (scouts and superseded replays "
+        "included). CRN: per seed, the number of rows the arm wrote that equal its baseline twin's rows of the same "
+        "steps (reward, pass rate, loss, entropy), then →the step of the first row that differs (the first guided "
+        "step, or the replay after a rollback).",
+        "",
+        markdown_table(
+            [
+                "arm",
+                "guide slots (main)",
+                "guide slots (all)",
+                "rollbacks",
+                "probes",
+                "optimizer steps",
+                "samples",
+                "CRN: identical rows→first difference",
+            ],  # fmt: skip
+            act_rows,
+        ),
+        "",
+    ]
 
     # Paired differences.
     others = [a for a in arms if a != base_name]

@@ -96,6 +96,8 @@ class Experiment:
     arms: list[Arm]
     models: list[ModelSpec]
     analysis: AnalysisSpec | None
+    discussion: Path | None = None
+    """A markdown file placed at the top of the report (the reading of the numbers; written by hand)."""
 
 
 def _require(data: dict, key: str, kind: type | tuple[type, ...], where: str) -> Any:
@@ -117,7 +119,7 @@ def load_experiment(path: str | Path) -> Experiment:
     if not isinstance(data, dict):
         raise ConfigError(f"experiment: {path} must hold a mapping")
     known = {"name", "base", "set", "out", "report", "figures", "seeds", "workers", "threads", "horizon", "window",
-             "baseline", "roles", "arms", "models", "analysis"}  # fmt: skip
+             "baseline", "roles", "arms", "models", "analysis", "discussion"}  # fmt: skip
     for key in data:
         if key not in known:
             raise ConfigError(f"{key}: unknown key of an experiment file (known: {', '.join(sorted(known))})")
@@ -194,7 +196,10 @@ def load_experiment(path: str | Path) -> Experiment:
         arms=arms,
         models=models,
         analysis=analysis,
+        discussion=Path(data["discussion"]) if data.get("discussion") else None,
     )
+    if exp.discussion is not None and not exp.discussion.is_file():
+        raise ConfigError(f"discussion: no such file {exp.discussion}")
     if not exp.base.is_file():
         raise ConfigError(f"base: no such run config {exp.base}")
     if exp.workers < 1:
@@ -450,6 +455,7 @@ def write_report(exp: Experiment, analysis: list[dict[str, Any]], meta: dict[str
         "samples_per_step": base.train.prompts_per_step * base.algo.group_size,
         "eval_samples": base.eval.num_prompts * base.eval.samples_per_prompt,
         "seeds": exp.seeds,
+        "discussion": exp.discussion.read_text() if exp.discussion is not None else "",
     }
     exp.report.parent.mkdir(parents=True, exist_ok=True)
     write_results(grid, spec, analysis, meta, exp.report, exp.figures)

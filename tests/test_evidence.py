@@ -18,6 +18,8 @@ import yaml
 
 from npo.evidence import (
     acc_at,
+    activity,
+    crn_prefix,
     arm_stats,
     compute_units,
     gen_share,
@@ -222,6 +224,17 @@ def test_paired_differences_at_equal_compute(grid):
     assert windows[1]["mean"] == pytest.approx(0.025) and windows[1]["positive"] == 1
     # seed 0 at 4.5 units: 0.5 - 0.45 (interpolated); at 5.5: 0.5 - 0.55.
     assert windows[2]["diffs"] == {0: pytest.approx(0.0, abs=1e-12)}
+
+
+def test_crn_prefix_and_activity(grid):
+    # npo seed 0's first row (step 0) has entropy 0.9, the baseline's step 0 has 1.0: they differ at once
+    assert crn_prefix(grid["npo"][0], grid["grpo"][0]) == (0, 0)
+    assert crn_prefix(grid["grpo"][1], grid["grpo"][1]) == (6, None)  # a run is its own twin for every row
+    same_start = grid["late"][0]  # the baseline's rows for steps 0..3
+    assert crn_prefix(same_start, grid["grpo"][0]) == (4, None)
+    act = activity(grid["npo"][0])
+    assert act == {"guide_slots": 0, "guide_slots_spent": 0, "rollbacks": 1, "probes": 0, "optimizer_steps": 6,
+                   "samples_total": 32}  # fmt: skip
 
 
 def test_s_table_and_checks():
