@@ -19,9 +19,9 @@ import yaml
 from npo.evidence import (
     acc_at,
     activity,
-    crn_prefix,
     arm_stats,
     compute_units,
+    crn_prefix,
     gen_share,
     mean_se,
     paired_windows,
