@@ -238,6 +238,47 @@ def activity(run: RunData) -> dict[str, int]:
     }
 
 
+def crossing(
+    run: RunData, target: float, horizon: int, *, by: str = "step", samples_per_step: int = 1, c_gen: float = 0.0
+) -> float | None:
+    """The first x (main-line step, or compute units with by="compute") where the run's accuracy curve, linear
+    between its evaluations with step <= horizon, reaches `target`; None if it does not by the horizon."""
+    previous: tuple[float, float] | None = None
+    for p in _points_upto(run, horizon):
+        x = float(p.step) if by == "step" else compute_units(p, samples_per_step, c_gen)
+        if p.acc >= target - 1e-12:
+            if previous is None or p.acc == previous[1]:
+                return x
+            x0, a0 = previous
+            return x0 + (target - a0) / (p.acc - a0) * (x - x0)
+        previous = (x, p.acc)
+    return None
+
+
+def paired_speed(
+    arm: dict[int, RunData | None],
+    base: dict[int, RunData | None],
+    horizon: int,
+    *,
+    by: str = "step",
+    samples_per_step: int = 1,
+    c_gen: float = 0.0,
+) -> dict[int, float | None]:
+    """Per seed: the arm's crossing of its baseline twin's final accuracy (at the horizon) divided by the twin's own
+    crossing of it (<= the horizon); None where the arm does not reach it by the horizon or a run is missing."""
+    out: dict[int, float | None] = {}
+    for seed, b in base.items():
+        a = arm.get(seed)
+        target = acc_at(b, horizon) if b is not None else None
+        if a is None or b is None or target is None:
+            out[seed] = None
+            continue
+        kw = {"by": by, "samples_per_step": samples_per_step, "c_gen": c_gen}
+        xa, xb = crossing(a, target, horizon, **kw), crossing(b, target, horizon, **kw)
+        out[seed] = xa / xb if xa is not None and xb else None
+    return out
+
+
 def reach_summary(stats: dict[str, Any], key: str) -> tuple[int, int, float | None]:
     """(seeds that reached the target, seeds, mean of reach[key] over the seeds that reached it)."""
     hits = [r[key] for r in stats["reach"].values() if r is not None]
@@ -881,6 +922,31 @@ def write_results(
         "Mean over the seeds that reached the target; in brackets the ratio to the baseline's mean.",
         "",
         markdown_table(["arm", "seeds reached", "steps", "optimizer steps", "compute units", "wall s"], reach_rows),
+        "",
+    ]
+
+    # Paired speed: the twin's own final accuracy as the target.
+    speed_rows = []
+    for a in arms:
+        cells = [a]
+        for by in ("step", "compute"):
+            ratios = paired_speed(grid[a], grid[base_name], horizon, by=by, samples_per_step=sps, c_gen=c_gen)
+            hit = [r for r in ratios.values() if r is not None]
+            cells.append(f"{len(hit)}/{len(ratios)}")
+            cells.append(_pm(hit, scale=1.0, digits=2) if hit else "never")
+            cells.append(", ".join("-" if r is None else f"{r:.2f}" for r in ratios.values()))
+        speed_rows.append(cells)
+    parts += [
+        f"## Speed to the baseline's final accuracy, paired by seed (target per seed: its {base_name} twin at T)",
+        "",
+        "Ratio = the step (or compute) at which the arm's accuracy curve (linear between evaluations) first reaches "
+        f"its {base_name} twin's accuracy at T, divided by where the twin's own curve first reaches it; below 1 is "
+        "faster. Seeds that do not reach it by T are counted as not reached and left out of the mean.",
+        "",
+        markdown_table(
+            ["arm", "reached (steps)", "step ratio", "per seed", "reached (compute)", "compute ratio", "per seed"],
+            speed_rows,
+        ),
         "",
     ]
 

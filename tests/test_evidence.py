@@ -22,8 +22,10 @@ from npo.evidence import (
     arm_stats,
     compute_units,
     crn_prefix,
+    crossing,
     gen_share,
     mean_se,
+    paired_speed,
     paired_windows,
     reach_summary,
     s_checks,
@@ -235,6 +237,19 @@ def test_crn_prefix_and_activity(grid):
     act = activity(grid["npo"][0])
     assert act == {"guide_slots": 0, "guide_slots_spent": 0, "rollbacks": 1, "probes": 0, "optimizer_steps": 6,
                    "samples_total": 32}  # fmt: skip
+
+
+def test_crossing_and_paired_speed(grid):
+    base = grid["grpo"][0]  # acc 0.1 t: reaches 0.25 half-way between the evaluations at steps 2 and 3
+    assert crossing(base, 0.25, T) == pytest.approx(2.5)
+    assert crossing(base, 0.0, T) == 0.0
+    assert crossing(base, 0.45, T) is None  # 0.4 at T = 4
+    assert crossing(base, 0.25, T, by="compute", samples_per_step=SPS, c_gen=0.25) == pytest.approx(2.5)
+    # npo seed 1 is the baseline's seed 1 + 0.05: it reaches the twin's final (0.42 at T) at t = 3.5 instead of 4
+    speed = paired_speed(grid["npo"], grid["grpo"], T)
+    assert speed[1] == pytest.approx(3.5 / 4.0)
+    assert speed[0] is not None
+    assert paired_speed(grid["late"], grid["grpo"], T)[1] is None  # missing run
 
 
 def test_s_table_and_checks():
