@@ -157,3 +157,12 @@ def test_ci_sized_grid_runs_resumes_and_reports(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert stamp == {a.name: (exp.out / a.name / "seed0" / "done.json").stat().st_mtime for a in exp.arms}
     assert "report:" in out.stdout
+
+
+def test_committed_experiment_files_load(monkeypatch):
+    monkeypatch.chdir(ROOT)  # their paths are relative to the repository root
+    files = sorted((ROOT / "configs" / "experiments").glob("*.yaml"))
+    assert files
+    for path in files:
+        exp = load_experiment(path.relative_to(ROOT))
+        assert len(exp.seeds) >= 5 and exp.baseline in {a.name for a in exp.arms}
