@@ -38,6 +38,7 @@ from npo.report import (  # noqa: E402
     _finish_figure,
     _number,
     accuracy_auc,
+    finish_axes,
     first_reaching,
     markdown_table,
 )
@@ -693,22 +694,11 @@ def plot_s(table: Sequence[dict[str, Any]], path: Path) -> Path:
                         label=source,
                     )
         ax.axvline(0, color="grey", linewidth=0.8)
-        _finish_axes(ax, "Delta (steps)", name, f"{name} vs Delta")
+        finish_axes(ax, "Delta (steps)", name, f"{name} vs Delta")
     fig.tight_layout()
     fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
     return path
-
-
-def _finish_axes(ax, xlabel: str, ylabel: str, title: str) -> None:
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    if not ax.has_data():
-        ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="grey")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
 
 
 # ----------------------------------------------------------------------------------------------------------------

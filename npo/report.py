@@ -324,8 +324,8 @@ def _mark_rollbacks_by_compute(ax, run: RunData) -> None:
             )
 
 
-def _finish_figure(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
-    """Label, legend (when something is labelled), save as PNG, close; returns path."""
+def finish_axes(ax, xlabel: str, ylabel: str, title: str) -> None:
+    """Labels, title, grid, a "no data" mark on empty axes, and a legend when something is labelled."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -334,6 +334,11 @@ def _finish_figure(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) ->
         ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="grey")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
+
+
+def _finish_figure(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    """Label, legend (when something is labelled), save as PNG, close; returns path."""
+    finish_axes(ax, xlabel, ylabel, title)
     fig.tight_layout()
     fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
