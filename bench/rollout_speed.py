@@ -15,7 +15,7 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from npo.rollout import SamplingParams, TransformersEngine
+from npo.runtime.engine import SamplingParams, TransformersEngine
 
 
 def main() -> None:

@@ -73,11 +73,11 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def bench_get_guides(work: Path, prompts: int = 256, calls: int = 300, tokens: int = 64) -> dict[str, float]:
-    from npo.types import Sample
+    from npo.core.types import Sample
     from services.guidance_cache.client import GuidanceCacheClient
     from services.guidance_cache.embedded import EmbeddedRedis
     from services.guidance_cache.store import RedisGuideStore
-    from services.launcher import Started, spawn, stop, wait_serving
+    from services.ops.launcher import Started, spawn, stop, wait_serving
 
     guides = [
         Sample(f"p{i:05d}", list(range(4, 4 + tokens)), [-0.25] * tokens, 1.0, "x" * tokens, 40, True)
@@ -120,12 +120,12 @@ def bench_get_guides(work: Path, prompts: int = 256, calls: int = 300, tokens: i
 def bench_vllm(config: str, overrides: list[str], vllm_python: Path, work: Path) -> dict[str, float]:
     """Tokens/s of a vLLM rollout server over a transformers rollout server: same config (model), same batch of
     64 prompts x 8 samples x 16 new tokens (no EOS stop), same client; best of 3 after a warm-up."""
-    from npo.rollout import SamplingParams
-    from npo.run_config import load_run_config
-    from services.cli import build_policy_and_task
-    from services.launcher import Started, spawn, stop, wait_serving
+    from npo.runtime.engine import SamplingParams
+    from npo.runtime.run_config import load_run_config
+    from services.ops.launcher import Started, spawn, stop, wait_serving
     from services.rollout.client import RolloutClient
     from services.rollout.vllm_engine import rollout_tokens_per_second
+    from services.wiring import build_policy_and_task
 
     cfg = load_run_config(config, overrides)
     policy, task = build_policy_and_task(cfg)  # warms the model cache the servers read

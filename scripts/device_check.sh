@@ -62,13 +62,13 @@ import traceback
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from npo.config import AlgoConfig
-from npo.gate import build_mixed_groups
-from npo.learner import TorchLearner
-from npo.models import ModelConfig, load_policy
-from npo.rollout import SamplingParams, TransformersEngine
-from npo.tasks import COMPACT_ALPHABET
-from npo.types import Problem, Sample
+from npo.core.config import AlgoConfig
+from npo.core.gate import build_mixed_groups
+from npo.runtime.learner import TorchLearner
+from npo.runtime.models import ModelConfig, load_policy
+from npo.runtime.engine import SamplingParams, TransformersEngine
+from npo.runtime.tasks import COMPACT_ALPHABET
+from npo.core.types import Problem, Sample
 
 PATH = sys.argv[1]
 CUDA = torch.device("cuda")

@@ -21,61 +21,12 @@ here (cache.url empty) and stopped on exit. This module is the composition root,
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-from npo.config import ConfigError
-
-
-@contextlib.contextmanager
-def open_store(url: str, prefix: str) -> Iterator[object]:
-    """The guidance store: Redis at `url`, or an embedded Redis-protocol server when url is empty."""
-    from services.guidance_cache.embedded import EmbeddedRedis
-    from services.guidance_cache.store import RedisGuideStore
-
-    with contextlib.ExitStack() as stack:
-        if not url:
-            server = stack.enter_context(EmbeddedRedis())
-            url = server.url
-        store = RedisGuideStore(url, prefix=prefix)
-        stack.callback(store.close)
-        yield store
-
-
-def build_policy_and_task(cfg):
-    """The task (data + reward) and the policy model for a run config."""
-    from npo.models import load_policy
-    from npo.tasks import COMPACT_ALPHABET, load_task
-
-    task = load_task(cfg.task)
-    pairs = [(p.compact_prompt, p.solution) for p in task.train if p.compact_prompt and p.solution]
-    policy = load_policy(
-        cfg.model, seed=cfg.seed, warmup_pairs=pairs, alphabet=COMPACT_ALPHABET, device=cfg.train.device
-    )
-    return policy, task
-
-
-def build_learner(cfg, policy):
-    """The learner engine named by train.engine; None = the runner's embedded TorchLearner."""
-    if cfg.train.engine != "deepspeed":
-        return None
-    import os
-
-    from npo.models import resolve_device
-    from npo.runner import learner_kwargs
-
-    os.environ.setdefault("DS_ACCELERATOR", resolve_device(cfg.train.device).type)
-    try:
-        from services.learner.deepspeed_engine import DeepSpeedLearner
-    except ImportError as exc:
-        raise ConfigError(
-            f"train.engine: 'deepspeed' needs the deepspeed package ({exc}); install the extra: "
-            "DS_BUILD_OPS=0 pip install -e '.[deepspeed]'"
-        ) from None
-    return DeepSpeedLearner(policy.model, **learner_kwargs(cfg, policy.pad_id), zero_stage=cfg.train.zero_stage)
+from npo.core.config import ConfigError
+from services.wiring import build_learner, build_policy_and_task, open_store
 
 
 def train(
@@ -87,8 +38,8 @@ def train(
     metrics_port: int | None = None,
     metrics_address: str = "127.0.0.1",
 ) -> Path:
-    from npo.run_config import load_run_config
-    from npo.runner import Runner
+    from npo.runtime.run_config import load_run_config
+    from npo.runtime.runner import Runner
 
     if resume:
         run_dir = Path(resume)
@@ -117,7 +68,7 @@ def train(
                 metrics.stop()
             if not cfg.cache.url:
                 store.clear_run(runner.run)
-    from npo.report import write_report
+    from npo.analysis.report import write_report
 
     report = write_report(run_dir)
     print(f"run finished in {time.perf_counter() - started:.0f} s; report: {report}")
@@ -126,8 +77,8 @@ def train(
 
 def connect(args: argparse.Namespace) -> Path:
     """`npo train --connect`: run the learner's configured run to its end, then write the report."""
-    from npo.report import write_report
-    from services.launcher import train_connected
+    from npo.analysis.report import write_report
+    from services.ops.launcher import train_connected
 
     if args.config or args.overrides or args.resume or args.out or args.metrics_port is not None:
         raise ConfigError(
@@ -212,7 +163,7 @@ def controller_command(args: argparse.Namespace) -> int:
 
 
 def demo(config: str | None, overrides: list[str], out: str) -> None:
-    from npo.report import compare_runs
+    from npo.analysis.report import compare_runs
 
     out_dir = Path(out)
     runs = []
@@ -331,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train" and args.connect:
             connect(args)
         elif args.command == "up" and args.ray:
-            from services.ray_backend import up_ray
+            from services.ops.ray_backend import up_ray
 
             if args.prometheus:
                 raise ConfigError("--prometheus: not with --ray (point prometheus.url at the cluster's Prometheus)")
@@ -350,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{entry.name:16s} {entry.address:22s} (Ray actor) log {entry.log}")
             print(f"up on Ray. next: npo train --connect {args.out}; stop with: npo down {args.out}")
         elif args.command == "up":
-            from services.launcher import up
+            from services.ops.launcher import up
 
             started = up(
                 args.config,
@@ -373,18 +324,18 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command in ("status", "intervene", "autonpo"):
             return controller_command(args)
         elif args.command == "restart":
-            from services.launcher import restart
+            from services.ops.launcher import restart
 
             entry = restart(args.run, args.service)
             print(f"{entry.name} restarted: {entry.address} pid {entry.pid}")
         elif args.command == "down":
             import json
 
-            from services.launcher import STATE_FILE, down
+            from services.ops.launcher import STATE_FILE, down
 
             state_file = Path(args.run) / STATE_FILE
             if state_file.is_file() and json.loads(state_file.read_text()).get("backend") == "ray":
-                from services.ray_backend import down_ray
+                from services.ops.ray_backend import down_ray
 
                 stopped = down_ray(args.run)
             else:
@@ -403,14 +354,14 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "demo":
             demo(args.config, args.overrides, args.out)
         elif args.command == "compare":
-            from npo.report import compare_runs
+            from npo.analysis.report import compare_runs
 
             out = Path(args.out) if args.out else Path(args.runs[0]).resolve().parent
             table, path = compare_runs([Path(r) for r in args.runs], out)
             print(table)
             print(f"comparison report: {path}")
         elif args.command == "analyze":
-            from npo.analyze import analyze_run
+            from npo.analysis.qvs import analyze_run
 
             deltas = [int(x) for x in args.deltas.split(",") if x.strip()]
             anchors = [int(x) for x in args.anchors.split(",") if x.strip()] or None
@@ -423,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
                 seed=args.seed,
             )
         elif args.command == "experiment":
-            from services import experiment
+            from services.ops import experiment
 
             if args.background:
                 pid, log_path = experiment.start_background(args.file)
@@ -438,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "config":
             import yaml
 
-            from npo.run_config import describe_config, load_run_config, run_config_to_dict
+            from npo.runtime.run_config import describe_config, load_run_config, run_config_to_dict
 
             if args.config or args.overrides:
                 print(yaml.safe_dump(run_config_to_dict(load_run_config(args.config, args.overrides)), sort_keys=False))
@@ -463,8 +414,8 @@ def main(argv: list[str] | None = None) -> int:
         print("npo: aborted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - Interrupted and checkpoint errors get a one-line message
-        from npo.checkpoint import CheckpointError
-        from npo.runner import Interrupted
+        from npo.runtime.checkpoint import CheckpointError
+        from npo.runtime.runner import Interrupted
 
         if isinstance(exc, Interrupted):
             print(f"npo: {exc}; continue with: npo train --resume {exc.path.parent.parent}", file=sys.stderr)

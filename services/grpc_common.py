@@ -15,7 +15,7 @@ Client side:
 - `error_from_rpc` turns a failed call back into a builtin exception: INVALID_ARGUMENT -> ValueError (the server's
   message verbatim), NOT_FOUND -> LookupError, UNAVAILABLE -> ConnectionError, DEADLINE_EXCEEDED -> TimeoutError,
   UNIMPLEMENTED -> NotImplementedError, others -> RuntimeError.
-- `sample_to_message` / `sample_from_message` convert npo.types.Sample to and from npo.v1.Sample.
+- `sample_to_message` / `sample_from_message` convert npo.core.types.Sample to and from npo.v1.Sample.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.descriptor_pb2 import MethodOptions
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from npo.types import Sample
+from npo.core.types import Sample
 from services.proto.npo.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -346,7 +346,7 @@ def error_from_rpc(error: grpc.RpcError, *, method: str, target: str, timeout_s:
 
 
 def sample_to_message(sample: Sample) -> common_pb2.Sample:
-    """npo.types.Sample -> npo.v1.Sample (floats travel as doubles, so they come back bit-exact)."""
+    """npo.core.types.Sample -> npo.v1.Sample (floats travel as doubles, so they come back bit-exact)."""
     return common_pb2.Sample(
         prompt_id=sample.prompt_id,
         response_ids=sample.response_ids,
@@ -359,7 +359,7 @@ def sample_to_message(sample: Sample) -> common_pb2.Sample:
 
 
 def sample_from_message(message: common_pb2.Sample, name: str = "sample") -> Sample:
-    """npo.v1.Sample -> npo.types.Sample; raises ValueError naming `name` when logprobs and response_ids differ in
+    """npo.v1.Sample -> npo.core.types.Sample; raises ValueError naming `name` when logprobs and response_ids differ in
     length."""
     if len(message.logprobs) != len(message.response_ids):
         raise ValueError(

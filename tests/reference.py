@@ -99,7 +99,7 @@ def policy_loss_ref(
     max_len: int | None = None,
     width: int | None = None,
 ) -> tuple[float, dict[str, float]]:
-    """The clipped surrogate token by token, then `aggregate_ref`; metrics as npo.loss.policy_loss reports them.
+    """The clipped surrogate token by token, then `aggregate_ref`; metrics as npo.core.loss.policy_loss reports them.
 
     r_it = exp(logprobs_it - behaviour_it);  l_it = -min(r_it A_i, clip(r_it) A_i)
     a token is clipped when A_i > 0 and r_it > 1 + eps_high, or A_i < 0 and r_it < 1 - eps_low

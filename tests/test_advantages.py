@@ -1,4 +1,4 @@
-"""Group-relative advantages and pass rates (npo/advantages.py): hand examples, properties, loop reference."""
+"""Group-relative advantages and pass rates (npo/core/advantages.py): hand examples, properties, loop reference."""
 
 import math
 
@@ -8,9 +8,9 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from reference import group_advantages_ref
 
-from npo.advantages import group_advantages, pass_rates
-from npo.gate import group_pass_rate
-from npo.types import Sample
+from npo.core.advantages import group_advantages, pass_rates
+from npo.core.gate import group_pass_rate
+from npo.core.types import Sample
 
 FINITE = st.floats(min_value=-1e3, max_value=1e3, allow_nan=False, allow_infinity=False, allow_subnormal=False)
 

@@ -1,4 +1,4 @@
-"""Tests for npo.analyze: the pure Q / V / S pieces, and analyze_run on a fake run folder with two real checkpoints
+"""Tests for npo.analysis.qvs: the pure Q / V / S pieces, and analyze_run on a fake run folder with two real checkpoints
 of a tiny character-level Llama (config.yaml with a jsonl task, loaded the way the runner's run would be)."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import pytest
 import torch
 import yaml
 
-from npo.analyze import analyze_run, pick_prompts, plan_pairs, q_value, signal_value
-from npo.checkpoint import CheckpointManager
-from npo.models import ModelConfig, build_char_tokenizer, init_tiny_model, supervised_warmup
-from npo.types import Problem
+from npo.analysis.qvs import analyze_run, pick_prompts, plan_pairs, q_value, signal_value
+from npo.core.types import Problem
+from npo.runtime.checkpoint import CheckpointManager
+from npo.runtime.models import ModelConfig, build_char_tokenizer, init_tiny_model, supervised_warmup
 
 TINY = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=16)
 
@@ -70,7 +70,7 @@ def fake_run(root, warmup_steps=(5, 30)):
     """A run folder: jsonl task 'ab=' -> 'a' (100 problems), checkpoints 0 and 10 of a tiny Llama warmed up for
     5 and 30 supervised steps (so pi(10) is better than pi(0) and the weights differ), config.yaml as the runner
     writes it."""
-    from npo.run_config import load_run_config, run_config_to_dict
+    from npo.runtime.run_config import load_run_config, run_config_to_dict
 
     run = root / "run"
     run.mkdir()
@@ -175,7 +175,7 @@ def test_analyze_run_with_explicit_anchors_and_out_folder(analysed, tmp_path):
         def reward(self, problem, response):
             return float(response == problem.answer)
 
-    from npo.rollout import SamplingParams
+    from npo.runtime.engine import SamplingParams
 
     rows = analyze_run(
         run,

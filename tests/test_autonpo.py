@@ -1,4 +1,4 @@
-"""AutoNPO bookkeeping and decisions (npo/autonpo.py): EMA, trigger, mistake pool, Q_hat/V_hat/S_hat, Delta*."""
+"""AutoNPO bookkeeping and decisions (npo/core/autonpo.py): EMA, trigger, mistake pool, Q_hat/V_hat/S_hat, Delta*."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from npo.autonpo import (
+from npo.core.autonpo import (
     AutoNPO,
     CandidateEstimate,
     Ema,
@@ -19,7 +19,7 @@ from npo.autonpo import (
     q_hat,
     v_hat,
 )
-from npo.config import AutoNPOConfig
+from npo.core.config import AutoNPOConfig
 
 
 def reading(step: int, warning: bool = True) -> TriggerReading:

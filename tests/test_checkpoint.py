@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from npo.checkpoint import CheckpointError, CheckpointManager, rng_state, set_rng_state
+from npo.runtime.checkpoint import CheckpointError, CheckpointManager, rng_state, set_rng_state
 
 
 def _writer(payload: bytes):

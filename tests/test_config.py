@@ -1,4 +1,4 @@
-"""AlgoConfig and AutoNPOConfig (npo/config.py): defaults, strict loading, coercion, overrides, clear errors."""
+"""AlgoConfig and AutoNPOConfig (npo/core/config.py): defaults, strict loading, coercion, overrides, clear errors."""
 
 import ast
 import dataclasses
@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from npo.config import (
+from npo.core.config import (
     AlgoConfig,
     AutoNPOConfig,
     ConfigError,
@@ -199,8 +199,8 @@ def test_nan_is_rejected_for_unbounded_numbers(cls, key):
 def test_train_device_is_checked_by_value_in_the_config_and_by_availability_where_used():
     import torch
 
-    from npo.models import resolve_device
-    from npo.run_config import load_run_config
+    from npo.runtime.models import resolve_device
+    from npo.runtime.run_config import load_run_config
 
     assert load_run_config(None, ["train.device=cuda"]).train.device == "cuda"  # a CPU controller reads GPU configs
     with pytest.raises(ConfigError, match="train.device"):

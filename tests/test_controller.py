@@ -8,11 +8,11 @@ import httpx
 import pytest
 import torch
 
-from npo.models import load_policy
-from npo.rollout import TransformersEngine
-from npo.run_config import load_run_config
-from npo.runner import Runner
-from npo.tasks import COMPACT_ALPHABET, load_task
+from npo.runtime.engine import TransformersEngine
+from npo.runtime.models import load_policy
+from npo.runtime.run_config import load_run_config
+from npo.runtime.runner import Runner
+from npo.runtime.tasks import COMPACT_ALPHABET, load_task
 from services.controller.api import create_app, serve_api
 from services.controller.engine import Controller
 from services.controller.metrics import ScrapeSource

@@ -19,7 +19,7 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from npo.config import AutoNPOConfig, ConfigError, from_dict
+from npo.core.config import AutoNPOConfig, ConfigError, from_dict
 from services.controller.api import create_app, load_token, serve_api, stop_api
 from services.controller.errors import Conflict, NotFound
 from services.controller.records import InterventionRecords

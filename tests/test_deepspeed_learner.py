@@ -19,11 +19,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read once, when deepspeed picks its accelerator
 pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install -e '.[deepspeed]')")
 
-from npo.config import AlgoConfig, LossAggregation  # noqa: E402
-from npo.gate import build_mixed_groups  # noqa: E402
-from npo.learner import TorchLearner, load_weights  # noqa: E402
-from npo.rollout import build_batch, gather_responses, token_logprobs  # noqa: E402
-from npo.types import Sample  # noqa: E402
+from npo.core.config import AlgoConfig, LossAggregation  # noqa: E402
+from npo.core.gate import build_mixed_groups  # noqa: E402
+from npo.core.types import Sample  # noqa: E402
+from npo.runtime.batch import build_batch, gather_responses, token_logprobs  # noqa: E402
+from npo.runtime.learner import TorchLearner, load_weights  # noqa: E402
 from services.learner.deepspeed_engine import DeepSpeedLearner, micro_batches, training_rows  # noqa: E402
 
 pytestmark = pytest.mark.slow

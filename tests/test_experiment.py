@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from npo.config import ConfigError
-from npo.report import load_run
-from services.experiment import load_experiment, run_experiment, start_background
+from npo.analysis.report import load_run
+from npo.core.config import ConfigError
+from services.ops.experiment import load_experiment, run_experiment, start_background
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""The NPO gate and slot replacement (npo/gate.py): hand examples, properties, IS switch, bad input."""
+"""The NPO gate and slot replacement (npo/core/gate.py): hand examples, properties, IS switch, bad input."""
 
 import math
 
@@ -7,10 +7,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from npo.advantages import group_advantages
-from npo.gate import MixedGroup, build_mixed_groups, group_pass_rate, is_verified_guide, should_replace
-from npo.loss import policy_loss
-from npo.types import Sample
+from npo.core.advantages import group_advantages
+from npo.core.gate import MixedGroup, build_mixed_groups, group_pass_rate, is_verified_guide, should_replace
+from npo.core.loss import policy_loss
+from npo.core.types import Sample
 
 
 def sample(prompt_id: str, reward: float, n_tokens: int = 3, logprob: float = -1.0, step: int = 0) -> Sample:

@@ -26,16 +26,17 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from npo.config import AlgoConfig
-from npo.gate import build_mixed_groups
-from npo.learner import TorchLearner, load_weights
-from npo.models import ModelConfig, load_policy
-from npo.rollout import SamplingParams, TransformersEngine, build_batch, gather_responses, token_logprobs
-from npo.run_config import load_run_config
-from npo.runner import Runner, learner_kwargs
-from npo.store import MemoryGuideStore
-from npo.tasks import COMPACT_ALPHABET
-from npo.types import Problem, Sample
+from npo.core.config import AlgoConfig
+from npo.core.gate import build_mixed_groups
+from npo.core.types import Problem, Sample
+from npo.runtime.batch import build_batch, gather_responses, token_logprobs
+from npo.runtime.engine import SamplingParams, TransformersEngine
+from npo.runtime.learner import TorchLearner, load_weights
+from npo.runtime.models import ModelConfig, load_policy
+from npo.runtime.run_config import load_run_config
+from npo.runtime.runner import Runner, learner_kwargs
+from npo.runtime.store import MemoryGuideStore
+from npo.runtime.tasks import COMPACT_ALPHABET
 
 DEVICE = torch.device("cuda")
 """Where the checks run."""

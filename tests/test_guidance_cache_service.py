@@ -18,8 +18,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from npo.store import GuideStore, MemoryGuideStore
-from npo.types import Sample
+from npo.core.types import Sample
+from npo.runtime.store import GuideStore, MemoryGuideStore
 from services.grpc_common import RetryPolicy, make_server, open_channel, retried_methods, status_for
 from services.guidance_cache.client import GuidanceCacheClient
 from services.guidance_cache.embedded import EmbeddedRedis

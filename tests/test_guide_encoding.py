@@ -6,8 +6,8 @@ import math
 import pytest
 import redis
 
-from npo.store import sample_to_json
-from npo.types import Sample
+from npo.core.types import Sample
+from npo.runtime.store import sample_to_json
 from services.guidance_cache.client import GuidanceCacheClient
 from services.guidance_cache.embedded import EmbeddedRedis
 from services.guidance_cache.server import serve

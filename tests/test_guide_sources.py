@@ -4,12 +4,12 @@ import json
 
 import pytest
 
-from npo.config import ConfigError
-from npo.models import load_policy, save_policy
-from npo.run_config import load_run_config
-from npo.runner import Runner
-from npo.store import MemoryGuideStore
-from npo.tasks import COMPACT_ALPHABET, load_task
+from npo.core.config import ConfigError
+from npo.runtime.models import load_policy, save_policy
+from npo.runtime.run_config import load_run_config
+from npo.runtime.runner import Runner
+from npo.runtime.store import MemoryGuideStore
+from npo.runtime.tasks import COMPACT_ALPHABET, load_task
 
 BASE = [
     "seed=5",

@@ -175,7 +175,7 @@ def test_gpu_values_request_gpus_for_rollout_and_learner(helm):
 
 @pytest.mark.parametrize("values", VALUES.values(), ids=VALUES.keys())
 def test_rendered_run_config_is_a_valid_run_config(helm, tmp_path, values):
-    from npo.run_config import load_run_config
+    from npo.runtime.run_config import load_run_config
 
     config_map = find(render(helm, *values), "ConfigMap", f"{RELEASE}-npo-config")
     path = tmp_path / "run.yaml"

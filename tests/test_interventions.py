@@ -1,10 +1,11 @@
-"""Intervention plans (npo/interventions.py): the steps of early bootstrap, plateau breakthrough, AutoNPO, rollback."""
+"""Intervention plans (npo/core/interventions.py): the steps of early bootstrap, plateau breakthrough, AutoNPO,
+rollback."""
 
 import pytest
 
-from npo.autonpo import AutoNPO
-from npo.config import AutoNPOConfig
-from npo.interventions import (
+from npo.core.autonpo import AutoNPO
+from npo.core.config import AutoNPOConfig
+from npo.core.interventions import (
     InterventionKind,
     InterventionPlan,
     autonpo_plan,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from services.launcher import STATE_FILE, read_state
+from services.ops.launcher import STATE_FILE, read_state
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [

@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 
-from npo.models import load_policy
-from npo.run_config import load_run_config
-from npo.runner import Runner, Segment
-from npo.store import MemoryGuideStore
-from npo.tasks import COMPACT_ALPHABET, load_task
-from npo.types import Sample
+from npo.core.types import Sample
+from npo.runtime.models import load_policy
+from npo.runtime.run_config import load_run_config
+from npo.runtime.runner import Runner, Segment
+from npo.runtime.store import MemoryGuideStore
+from npo.runtime.tasks import COMPACT_ALPHABET, load_task
 from services.learner.client import LearnerBusyError, LearnerClient
 from services.learner.server import prepare_run_dir, serve
 

@@ -1,4 +1,4 @@
-"""The clipped surrogate, its aggregations and the KL/entropy helpers (npo/loss.py)."""
+"""The clipped surrogate, its aggregations and the KL/entropy helpers (npo/core/loss.py)."""
 
 import math
 
@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import aggregate_ref, policy_loss_ref
 
-from npo.config import LossAggregation
-from npo.loss import aggregate, entropy_from_logits, kl_k1, kl_k3, policy_loss
+from npo.core.config import LossAggregation
+from npo.core.loss import aggregate, entropy_from_logits, kl_k1, kl_k3, policy_loss
 
 MODES = [m.value for m in LossAggregation]
 LN = math.log

@@ -6,8 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from npo.config import ConfigError, from_dict
-from npo.models import (
+from npo.core.config import ConfigError, from_dict
+from npo.core.types import Problem
+from npo.runtime.models import (
     ModelConfig,
     Policy,
     PolicyKind,
@@ -20,7 +21,6 @@ from npo.models import (
     smollm2_gguf_path,
     supervised_warmup,
 )
-from npo.types import Problem
 
 ALPHABET = "0123456789+-="
 SUM_PAIRS = [(f"{a}+{b}=", str(a + b)) for a in range(10) for b in range(10)]

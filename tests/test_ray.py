@@ -7,14 +7,14 @@ ray = pytest.importorskip("ray")
 
 from rows import assert_rows_close, read_rows  # noqa: E402
 
-from npo.models import load_policy  # noqa: E402
-from npo.run_config import load_run_config  # noqa: E402
-from npo.runner import Runner  # noqa: E402
-from npo.tasks import COMPACT_ALPHABET, load_task  # noqa: E402
+from npo.runtime.models import load_policy  # noqa: E402
+from npo.runtime.run_config import load_run_config  # noqa: E402
+from npo.runtime.runner import Runner  # noqa: E402
+from npo.runtime.tasks import COMPACT_ALPHABET, load_task  # noqa: E402
 from services.guidance_cache.embedded import EmbeddedRedis  # noqa: E402
 from services.guidance_cache.store import RedisGuideStore  # noqa: E402
-from services.launcher import train_connected  # noqa: E402
-from services.ray_backend import down_ray_handles, up_ray  # noqa: E402
+from services.ops.launcher import train_connected  # noqa: E402
+from services.ops.ray_backend import down_ray_handles, up_ray  # noqa: E402
 
 
 @pytest.mark.slow

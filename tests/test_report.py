@@ -1,4 +1,5 @@
-"""Tests for npo.report on synthetic run folders written the way npo.runner writes them (rollbacks included)."""
+"""Tests for npo.analysis.report on synthetic run folders written the way npo.runtime.runner writes them
+(rollbacks included)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import matplotlib.pyplot as plt
 import pytest
 import yaml
 
-from npo.report import (
+from npo.analysis.report import (
     EvalPoint,
     accuracy_auc,
     compare_runs,

@@ -1,4 +1,5 @@
-"""Tests for npo.rollout: batch layout, teacher-forced log-probs, and the sampling engine on a tiny random Llama."""
+"""Tests for npo.runtime.batch and npo.runtime.engine: batch layout, teacher-forced log-probs, and the sampling
+engine on a tiny random Llama."""
 
 from __future__ import annotations
 
@@ -8,18 +9,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from npo.config import ConfigError
-from npo.rollout import (
-    Generation,
-    SamplingParams,
-    TransformersEngine,
-    build_batch,
-    gather_responses,
-    left_pad,
-    sample_top_p,
-    scatter_responses,
-    token_logprobs,
-)
+from npo.core.config import ConfigError
+from npo.runtime.batch import build_batch, gather_responses, left_pad, scatter_responses, token_logprobs
+from npo.runtime.engine import Generation, SamplingParams, TransformersEngine, sample_top_p
 
 VOCAB = 20
 PAD, BOS, EOS = 0, 1, 2

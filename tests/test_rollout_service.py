@@ -16,10 +16,10 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from npo.checkpoint import CheckpointManager
-from npo.models import ModelConfig, load_policy
-from npo.rollout import Generation, SamplingParams, TransformersEngine
-from npo.tasks import COMPACT_ALPHABET, TaskConfig, load_task
+from npo.runtime.checkpoint import CheckpointManager
+from npo.runtime.engine import Generation, SamplingParams, TransformersEngine
+from npo.runtime.models import ModelConfig, load_policy
+from npo.runtime.tasks import COMPACT_ALPHABET, TaskConfig, load_task
 from services.grpc_common import RetryPolicy, open_channel
 from services.proto.npo.v1 import common_pb2
 from services.proto.npo.v1 import rollout_pb2 as pb

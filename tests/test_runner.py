@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
-from npo.models import load_policy
-from npo.run_config import load_run_config
-from npo.runner import Interrupted, PromptSampler, Runner
-from npo.store import MemoryGuideStore
-from npo.tasks import COMPACT_ALPHABET, load_task
+from npo.runtime.models import load_policy
+from npo.runtime.run_config import load_run_config
+from npo.runtime.runner import Interrupted, PromptSampler, Runner
+from npo.runtime.store import MemoryGuideStore
+from npo.runtime.tasks import COMPACT_ALPHABET, load_task
 
 TIMING_KEYS = {"wall_time", "gen_seconds", "train_seconds"}
 

@@ -6,12 +6,12 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from npo.models import load_policy
-from npo.rollout import TransformersEngine
-from npo.run_config import load_run_config
-from npo.runner import Runner
-from npo.store import MemoryGuideStore
-from npo.tasks import COMPACT_ALPHABET, load_task
+from npo.runtime.engine import TransformersEngine
+from npo.runtime.models import load_policy
+from npo.runtime.run_config import load_run_config
+from npo.runtime.runner import Runner
+from npo.runtime.store import MemoryGuideStore
+from npo.runtime.tasks import COMPACT_ALPHABET, load_task
 from services.guidance_cache.server import serve as serve_cache
 from services.learner.server import serve as serve_learner
 from services.proto.npo.v1 import common_pb2, learner_pb2, rollout_pb2

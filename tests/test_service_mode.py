@@ -9,11 +9,11 @@ import pytest
 import torch
 from rows import assert_rows_close, read_rows
 
-from npo.models import load_policy
-from npo.rollout import TransformersEngine
-from npo.run_config import load_run_config
-from npo.runner import Runner
-from npo.tasks import COMPACT_ALPHABET, load_task
+from npo.runtime.engine import TransformersEngine
+from npo.runtime.models import load_policy
+from npo.runtime.run_config import load_run_config
+from npo.runtime.runner import Runner
+from npo.runtime.tasks import COMPACT_ALPHABET, load_task
 from services.guidance_cache.client import GuidanceCacheClient
 from services.guidance_cache.embedded import EmbeddedRedis
 from services.guidance_cache.server import serve as serve_cache

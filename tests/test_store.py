@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from npo.store import GuideStore, MemoryGuideStore, sample_from_json, sample_to_json
-from npo.types import Sample
+from npo.core.types import Sample
+from npo.runtime.store import GuideStore, MemoryGuideStore, sample_from_json, sample_to_json
 from services.guidance_cache.embedded import EmbeddedRedis
 from services.guidance_cache.store import RedisGuideStore
 
@@ -246,7 +246,7 @@ def test_sample_json_is_versioned_plain_json():
 
 
 def test_core_store_does_not_import_redis():
-    code = "import sys, npo.store; print(sorted(m for m in ('redis', 'valkey', 'grpc') if m in sys.modules))"
+    code = "import sys, npo.runtime.store; print(sorted(m for m in ('redis', 'valkey', 'grpc') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
 

@@ -9,8 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import reasoning_gym
 
-from npo.config import ConfigError, from_dict
-from npo.tasks import (
+from npo.core.config import ConfigError, from_dict
+from npo.core.types import Problem
+from npo.runtime.tasks import (
     COMPACT_ALPHABET,
     TaskConfig,
     countdown_item,
@@ -20,7 +21,6 @@ from npo.tasks import (
     load_task,
     math_reward,
 )
-from npo.types import Problem
 
 SMALL = {"train_size": 200, "test_size": 50}
 

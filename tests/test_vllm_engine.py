@@ -25,10 +25,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from npo.checkpoint import CheckpointManager
-from npo.models import ModelConfig, load_policy, save_policy
-from npo.rollout import SamplingParams, TransformersEngine
-from npo.tasks import COMPACT_ALPHABET, TaskConfig, load_task
+from npo.runtime.checkpoint import CheckpointManager
+from npo.runtime.engine import SamplingParams, TransformersEngine
+from npo.runtime.models import ModelConfig, load_policy, save_policy
+from npo.runtime.tasks import COMPACT_ALPHABET, TaskConfig, load_task
 from services.grpc_common import RetryPolicy
 from services.rollout.client import RolloutClient
 
@@ -70,7 +70,7 @@ def task():
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[str, Path]:
-    """The tiny policy (seed 0, no warm-up) as an HF folder, and a checkpoint folder (npo.checkpoint, step 3) of
+    """The tiny policy (seed 0, no warm-up) as an HF folder, and a checkpoint folder (npo.runtime.checkpoint, step 3) of
     the same policy with perturbed weights."""
     root = tmp_path_factory.mktemp("vllm")
     cfg = ModelConfig(preset="tiny", warmup_steps=0, cache_dir=str(root / "models"))

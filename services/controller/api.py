@@ -41,7 +41,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from npo.config import ConfigError
+from npo.core.config import ConfigError
 from services.controller.errors import Busy, Conflict, NotFound
 from services.controller.records import KINDS, STATES, finite
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from npo.config import ConfigError
+from npo.core.config import ConfigError
 
 
 class ControllerError(RuntimeError):
@@ -51,7 +51,7 @@ class ControllerClient:
     @classmethod
     def for_target(cls, target: str) -> ControllerClient:
         """A client for a folder of `npo up` (its controller and token file) or an http(s):// URL."""
-        from services.launcher import TOKEN_FILE, read_state
+        from services.ops.launcher import TOKEN_FILE, read_state
 
         token = os.environ.get("NPO_API_TOKEN")
         if target.startswith(("http://", "https://")):

@@ -2,7 +2,7 @@
 guidance cache (docs/architecture.md, control path).
 
 A background loop reads the run's reward and entropy (services/controller/metrics.py) and feeds the AutoNPO
-trigger (npo.autonpo) with every new step. When the trigger asks for a probe (and no intervention runs), the
+trigger (npo.core.autonpo) with every new step. When the trigger asks for a probe (and no intervention runs), the
 controller pauses the learner (which checkpoints step t), loads pi^(t) into the rollout replicas, samples the probe
 on the mistake pool, scores it under each candidate checkpoint pi^(t - Delta), chooses Delta* by S_hat, writes the
 probe's verified-correct responses to the cache as guides of step t, rolls the learner back to t - Delta*, runs
@@ -30,13 +30,14 @@ from typing import Any
 
 import numpy as np
 
-from npo.autonpo import AutoNPO, mean_token_kl
-from npo.config import AutoNPOConfig, from_dict, to_dict
-from npo.gate import first_correct
-from npo.interventions import early_bootstrap_plan, plateau_breakthrough_plan
-from npo.run_config import RunConfig
-from npo.runner import PromptSampler, derive_seed
-from npo.types import Problem, Sample
+from npo.core.autonpo import AutoNPO, mean_token_kl
+from npo.core.config import AutoNPOConfig, from_dict, to_dict
+from npo.core.gate import first_correct
+from npo.core.interventions import early_bootstrap_plan, plateau_breakthrough_plan
+from npo.core.seeds import derive_seed
+from npo.core.types import Problem, Sample
+from npo.runtime.run_config import RunConfig
+from npo.runtime.runner import PromptSampler
 from services.controller.errors import Busy, Conflict, NotFound
 from services.controller.metrics import Reading
 

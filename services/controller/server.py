@@ -21,7 +21,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from npo.config import ConfigError
+from npo.core.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +56,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        from npo.config import Method
-        from npo.run_config import load_run_config
-        from services.cli import build_policy_and_task
+        from npo.core.config import Method
+        from npo.runtime.run_config import load_run_config
         from services.controller.api import create_app, load_token, serve_api
         from services.controller.engine import Controller
         from services.controller.records import InterventionRecords
         from services.guidance_cache.client import GuidanceCacheClient
         from services.learner.client import LearnerClient
         from services.rollout.client import RolloutClient
+        from services.wiring import build_policy_and_task
 
         cfg = load_run_config(args.config, args.overrides)
         token = load_token(file=args.token_file)

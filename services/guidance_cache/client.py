@@ -1,4 +1,4 @@
-"""GuidanceCacheClient: npo.store.GuideStore over gRPC, so the runner uses a remote guidance cache unchanged.
+"""GuidanceCacheClient: npo.runtime.store.GuideStore over gRPC, so the runner uses a remote guidance cache unchanged.
 
     with GuidanceCacheClient("cache:50051") as store:
         store.put_guides("run-1", 40, guides)
@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
-from npo.types import Sample
+from npo.core.types import Sample
 from services.grpc_common import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_RETRY,
@@ -141,14 +141,14 @@ class GuidanceCacheClient:
     # -- guides ----------------------------------------------------------------------------------------------------
 
     def put_guides(self, run: str, guide_step: int, guides: Sequence[Sample]) -> int:
-        """See npo.store.GuideStore.put_guides."""
+        """See npo.runtime.store.GuideStore.put_guides."""
         request = pb.PutGuidesRequest(
             run=wire_run(run), guide_step=wire_step("guide_step", guide_step), guides=wire_guides(guides)
         )
         return self._call("PutGuides", request).written
 
     def get_guides(self, run: str, guide_step: int, prompt_ids: Sequence[str]) -> dict[str, Sample]:
-        """See npo.store.GuideStore.get_guides (one call, one Redis round trip on the server)."""
+        """See npo.runtime.store.GuideStore.get_guides (one call, one Redis round trip on the server)."""
         request = pb.GetGuidesRequest(
             run=wire_run(run),
             guide_step=wire_step("guide_step", guide_step),
@@ -157,41 +157,41 @@ class GuidanceCacheClient:
         return guides_from_reply(self._call("GetGuides", request))
 
     def guide_steps(self, run: str) -> list[int]:
-        """See npo.store.GuideStore.guide_steps."""
+        """See npo.runtime.store.GuideStore.guide_steps."""
         return list(self._call("ListGuideSteps", pb.ListGuideStepsRequest(run=wire_run(run))).guide_steps)
 
     def delete_guides(self, run: str, guide_step: int) -> int:
-        """See npo.store.GuideStore.delete_guides."""
+        """See npo.runtime.store.GuideStore.delete_guides."""
         request = pb.DeleteGuidesRequest(run=wire_run(run), guide_step=wire_step("guide_step", guide_step))
         return self._call("DeleteGuides", request).deleted
 
     # -- mistake pool ----------------------------------------------------------------------------------------------
 
     def record_mistakes(self, run: str, step: int, prompt_ids: Sequence[str]) -> None:
-        """See npo.store.GuideStore.record_mistakes."""
+        """See npo.runtime.store.GuideStore.record_mistakes."""
         request = pb.RecordMistakesRequest(
             run=wire_run(run), step=wire_step("step", step), prompt_ids=wire_prompt_ids("prompt_ids", prompt_ids)
         )
         self._call("RecordMistakes", request)
 
     def get_mistakes(self, run: str, lo: int, hi: int) -> dict[str, int]:
-        """See npo.store.GuideStore.get_mistakes."""
+        """See npo.runtime.store.GuideStore.get_mistakes."""
         request = pb.GetMistakesRequest(run=wire_run(run), lo=wire_step("lo", lo), hi=wire_step("hi", hi))
         return mistakes_from_reply(self._call("GetMistakes", request))
 
     def truncate_mistakes(self, run: str, from_step: int) -> int:
-        """See npo.store.GuideStore.truncate_mistakes."""
+        """See npo.runtime.store.GuideStore.truncate_mistakes."""
         request = pb.TruncateMistakesRequest(run=wire_run(run), from_step=wire_step("from_step", from_step))
         return self._call("TruncateMistakes", request).removed
 
     # -- whole run -------------------------------------------------------------------------------------------------
 
     def stats(self, run: str) -> dict[str, Any]:
-        """See npo.store.GuideStore.stats."""
+        """See npo.runtime.store.GuideStore.stats."""
         return stats_from_reply(self._call("Stats", pb.StatsRequest(run=wire_run(run))))
 
     def clear_run(self, run: str) -> None:
-        """See npo.store.GuideStore.clear_run."""
+        """See npo.runtime.store.GuideStore.clear_run."""
         self._call("ClearRun", pb.ClearRunRequest(run=wire_run(run)))
 
     def close(self) -> None:

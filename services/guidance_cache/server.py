@@ -25,8 +25,8 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
-from npo.store import GuideStore
-from npo.types import Sample
+from npo.core.types import Sample
+from npo.runtime.store import GuideStore
 from services.grpc_common import (
     DEFAULT_MAX_MESSAGE_BYTES,
     add_health,

@@ -1,8 +1,9 @@
-"""RedisGuideStore: the GuideStore (npo/store.py) on a Redis-protocol server, through redis-py.
+"""RedisGuideStore: the GuideStore (npo/runtime/store.py) on a Redis-protocol server, through redis-py.
 
 Keys of one run (`run` is used verbatim; steps are decimal integers, so two runs' keys never collide):
 - `{prefix}:{run}:guides:{guide_step}`  hash prompt_id -> the guide as a serialized npo.v1.Sample protobuf
-                                         (values in the older JSON form, npo.store.sample_to_json, are still read)
+                                         (values in the older JSON form, npo.runtime.store.sample_to_json, are
+                                         still read)
 - `{prefix}:{run}:guide_steps`           sorted set of guide steps (member = score = the step)
 - `{prefix}:{run}:mistakes`              sorted set prompt_id, scored by the step it last failed at
 
@@ -25,7 +26,8 @@ from typing import Any
 import redis
 from redis.connection import parse_url
 
-from npo.store import (
+from npo.core.types import Sample
+from npo.runtime.store import (
     check_guides,
     check_max_mistakes,
     check_prompt_ids,
@@ -33,7 +35,6 @@ from npo.store import (
     check_step,
     sample_from_json,
 )
-from npo.types import Sample
 from services.grpc_common import sample_from_message, sample_to_message
 from services.proto.npo.v1 import common_pb2
 
@@ -155,7 +156,7 @@ class RedisGuideStore:
     # -- guides ----------------------------------------------------------------------------------------------------
 
     def put_guides(self, run: str, guide_step: int, guides: Sequence[Sample]) -> int:
-        """See npo.store.GuideStore.put_guides (one MULTI: HSET of the batch + ZADD of the step)."""
+        """See npo.runtime.store.GuideStore.put_guides (one MULTI: HSET of the batch + ZADD of the step)."""
         check_run(run)
         check_step("guide_step", guide_step)
         encoded = check_guides(guides, encode_guide)
@@ -168,7 +169,7 @@ class RedisGuideStore:
         return len(encoded)
 
     def get_guides(self, run: str, guide_step: int, prompt_ids: Sequence[str]) -> dict[str, Sample]:
-        """See npo.store.GuideStore.get_guides (one HMGET)."""
+        """See npo.runtime.store.GuideStore.get_guides (one HMGET)."""
         check_run(run)
         check_step("guide_step", guide_step)
         wanted = list(dict.fromkeys(check_prompt_ids("prompt_ids", prompt_ids)))
@@ -194,14 +195,14 @@ class RedisGuideStore:
         return [v.encode() if isinstance(v, str) else v for v in values]
 
     def guide_steps(self, run: str) -> list[int]:
-        """See npo.store.GuideStore.guide_steps."""
+        """See npo.runtime.store.GuideStore.guide_steps."""
         check_run(run)
         with self._errors():
             members = self._client.zrange(self._steps_key(run), 0, -1)
         return sorted(int(m) for m in members)
 
     def delete_guides(self, run: str, guide_step: int) -> int:
-        """See npo.store.GuideStore.delete_guides (one MULTI: HLEN + DEL + ZREM)."""
+        """See npo.runtime.store.GuideStore.delete_guides (one MULTI: HLEN + DEL + ZREM)."""
         check_run(run)
         check_step("guide_step", guide_step)
         key = self._guides_key(run, guide_step)
@@ -215,8 +216,8 @@ class RedisGuideStore:
     # -- mistake pool ----------------------------------------------------------------------------------------------
 
     def record_mistakes(self, run: str, step: int, prompt_ids: Sequence[str]) -> None:
-        """See npo.store.GuideStore.record_mistakes (one MULTI: ZADD + ZREMRANGEBYRANK of all but the newest
-        max_mistakes; a sorted set orders ties by member, as npo.store.oldest_first does)."""
+        """See npo.runtime.store.GuideStore.record_mistakes (one MULTI: ZADD + ZREMRANGEBYRANK of all but the newest
+        max_mistakes; a sorted set orders ties by member, as npo.runtime.store.oldest_first does)."""
         check_run(run)
         check_step("step", step)
         ids = check_prompt_ids("prompt_ids", prompt_ids)
@@ -229,7 +230,7 @@ class RedisGuideStore:
             pipe.execute()
 
     def get_mistakes(self, run: str, lo: int, hi: int) -> dict[str, int]:
-        """See npo.store.GuideStore.get_mistakes (one ZRANGEBYSCORE lo (hi)."""
+        """See npo.runtime.store.GuideStore.get_mistakes (one ZRANGEBYSCORE lo (hi)."""
         check_run(run)
         check_step("lo", lo)
         check_step("hi", hi)
@@ -242,7 +243,7 @@ class RedisGuideStore:
         return {_text(member): int(score) for member, score in pairs}
 
     def truncate_mistakes(self, run: str, from_step: int) -> int:
-        """See npo.store.GuideStore.truncate_mistakes (one ZREMRANGEBYSCORE from_step +inf)."""
+        """See npo.runtime.store.GuideStore.truncate_mistakes (one ZREMRANGEBYSCORE from_step +inf)."""
         check_run(run)
         check_step("from_step", from_step)
         with self._errors():
@@ -251,7 +252,7 @@ class RedisGuideStore:
     # -- whole run -------------------------------------------------------------------------------------------------
 
     def stats(self, run: str) -> dict[str, Any]:
-        """See npo.store.GuideStore.stats."""
+        """See npo.runtime.store.GuideStore.stats."""
         check_run(run)
         steps = self.guide_steps(run)
         with self._errors(), self._client.pipeline(transaction=True) as pipe:
@@ -263,7 +264,7 @@ class RedisGuideStore:
         return {"guide_steps": counts, "guides": sum(counts.values()), "mistakes": int(mistakes)}
 
     def clear_run(self, run: str) -> None:
-        """See npo.store.GuideStore.clear_run (one DEL of every key of the run)."""
+        """See npo.runtime.store.GuideStore.clear_run (one DEL of every key of the run)."""
         check_run(run)
         steps = self.guide_steps(run)
         keys = [self._guides_key(run, step) for step in steps] + [self._steps_key(run), self._mistakes_key(run)]

@@ -1,4 +1,4 @@
-"""DeepSpeed learner: the embedded learner's step (npo.learner.TorchLearner) on a DeepSpeed engine with ZeRO.
+"""DeepSpeed learner: the embedded learner's step (npo.runtime.learner.TorchLearner) on a DeepSpeed engine with ZeRO.
 
     rewards (G, n) -> group advantages -> rows (prompt + response, behaviour log-probs, A_i, is_guide)
     -> micro-batches k = 1..K: engine forward -> token_logprobs -> policy_loss * w_k -> engine.backward
@@ -30,8 +30,8 @@ which shares the model, samples there too. A model already on a GPU with a CPU a
 would silently move it back to the CPU).
 
 ZeRO stages 0, 1 and 2. Stage 3 partitions the parameters themselves, so the runner's in-place weight loading
-(npo.learner.load_weights) and save_pretrained would see empty tensors; it is refused until weights go through the
-engine (GatheredParameters or engine.save_checkpoint).
+(npo.runtime.learner.load_weights) and save_pretrained would see empty tensors; it is refused until weights go
+through the engine (GatheredParameters or engine.save_checkpoint).
 
 Checkpoint state (state_dict / load_state_dict) holds plain tensors and numbers only, so the runner's
 torch.load(weights_only=True) reads it. The runner loads the weights into the module first, then calls
@@ -52,9 +52,9 @@ from typing import Any
 
 import torch
 
-from npo.config import AlgoConfig, LossAggregation
-from npo.gate import MixedGroup
-from npo.learner import micro_batch_loss, micro_batches, step_metrics, training_rows
+from npo.core.config import AlgoConfig, LossAggregation
+from npo.core.gate import MixedGroup
+from npo.runtime.learner import micro_batch_loss, micro_batches, step_metrics, training_rows
 
 ZERO_STAGES = (0, 1, 2)
 """ZeRO stages this learner runs (3 is refused: see the module docstring)."""

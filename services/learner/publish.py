@@ -21,18 +21,18 @@ import torch
 from safetensors.torch import save_file
 
 WEIGHTS_FILE = "model.safetensors"
-"""The weights file a replica loads (npo.learner.load_weights reads it)."""
+"""The weights file a replica loads (npo.runtime.learner.load_weights reads it)."""
 
 
 def weights_to_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict as contiguous CPU tensors, without the output head when it is tied to the input
-    embedding (as save_pretrained writes it; npo.learner.load_weights re-ties it)."""
+    embedding (as save_pretrained writes it; npo.runtime.learner.load_weights re-ties it)."""
     tied = {"lm_head.weight"} if getattr(getattr(model, "config", None), "tie_word_embeddings", False) else set()
     return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in tied}
 
 
 class WeightPublisher:
-    """Callable publish(step) -> seconds for npo.runner.Runner: saves `model`'s weights and loads them into the
+    """Callable publish(step) -> seconds for npo.runtime.runner.Runner: saves `model`'s weights and loads them into the
     replicas of `rollout` (a services.rollout.client.RolloutClient or anything with its load_policy)."""
 
     def __init__(self, model: torch.nn.Module, rollout: Any, folder: str | os.PathLike, metrics: Any = None) -> None:

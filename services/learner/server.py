@@ -1,4 +1,4 @@
-"""LearnerService (proto/npo/v1/learner.proto) around one in-process npo.runner.Runner.
+"""LearnerService (proto/npo/v1/learner.proto) around one in-process npo.runtime.runner.Runner.
 
 The controller drives the learner: RunSegment starts a segment of GRPO or NPO steps in a background thread and
 returns once accepted (Status reports progress), Rollback restores a checkpoint, SaveCheckpoint / ListCheckpoints
@@ -27,8 +27,8 @@ from typing import Any
 
 import grpc
 
-from npo.config import AlgoConfig, ConfigError
-from npo.runner import Interrupted, Runner, Segment
+from npo.core.config import AlgoConfig, ConfigError
+from npo.runtime.runner import Interrupted, Runner, Segment
 from services.grpc_common import DEFAULT_MAX_MESSAGE_BYTES, add_health, bind, make_server
 from services.proto.npo.v1 import common_pb2
 from services.proto.npo.v1 import learner_pb2 as pb
@@ -394,7 +394,7 @@ def prepare_run_dir(runner: Runner) -> None:
     """Write the run's config.yaml and start empty metrics.jsonl / interventions.jsonl (what Runner.train does)."""
     import yaml
 
-    from npo.run_config import run_config_to_dict
+    from npo.runtime.run_config import run_config_to_dict
 
     (runner.out / "config.yaml").write_text(yaml.safe_dump(run_config_to_dict(runner.cfg), sort_keys=False))
     for name in ("metrics.jsonl", "interventions.jsonl"):
@@ -431,8 +431,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         import torch
 
-        from npo.run_config import load_run_config
-        from services.cli import build_learner, build_policy_and_task, open_store
+        from npo.runtime.run_config import load_run_config
+        from services.wiring import build_learner, build_policy_and_task, open_store
 
         cfg = load_run_config(args.config, args.overrides)
         if cfg.train.threads:

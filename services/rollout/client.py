@@ -1,4 +1,4 @@
-"""RolloutClient: npo.rollout.RolloutEngine over one or several RolloutService replicas.
+"""RolloutClient: npo.runtime.engine.RolloutEngine over one or several RolloutService replicas.
 
     with RolloutClient(["rollout-0:50052", "rollout-1:50052"]) as engine:
         engine.load_policy("/shared/run/checkpoints/step_000040")          # every replica
@@ -33,9 +33,9 @@ import grpc
 import torch
 from google.protobuf.message import Message
 
-from npo.rollout import Generation, SamplingParams
-from npo.runner import derive_seed
-from npo.types import Sample
+from npo.core.seeds import derive_seed
+from npo.core.types import Sample
+from npo.runtime.engine import Generation, SamplingParams
 from services.grpc_common import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_RETRY,
@@ -51,7 +51,7 @@ from services.proto.npo.v1 import rollout_pb2_grpc as pb_grpc
 DEFAULT_TIMEOUT_S = 300.0
 """Deadline of one rollout call (retries included): generation of a large batch on a CPU takes minutes."""
 CHUNK_SEED_PURPOSE = "rollout-replica-chunk"
-"""Purpose string of npo.runner.derive_seed for the seed of chunk c of a split call."""
+"""Purpose string of npo.core.seeds.derive_seed for the seed of chunk c of a split call."""
 
 
 @dataclass(frozen=True)
@@ -114,9 +114,9 @@ def wire_token_ids(name: str, ids: Sequence[int]) -> list[int]:
 
 
 def wire_sampling(params: SamplingParams, seed: int) -> common_pb2.SamplingParams:
-    """npo.rollout.SamplingParams + seed -> npo.v1.SamplingParams; ValueError naming `params` or `seed`."""
+    """npo.runtime.engine.SamplingParams + seed -> npo.v1.SamplingParams; ValueError naming `params` or `seed`."""
     if not isinstance(params, SamplingParams):
-        raise ValueError(f"params: expected npo.rollout.SamplingParams, got {type(params).__name__}")
+        raise ValueError(f"params: expected npo.runtime.engine.SamplingParams, got {type(params).__name__}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
         raise ValueError(f"seed: expected an integer in [0, 2**64), got {seed!r}")
     if isinstance(params.max_new_tokens, bool) or not isinstance(params.max_new_tokens, int):
@@ -153,8 +153,8 @@ def generation_from_sample(sample: Sample) -> Generation:
 
 
 class RolloutClient:
-    """npo.rollout.RolloutEngine whose policy lives in the RolloutService replicas at `addresses` ("host:port", or
-    a list of them); see the module docstring for how a call is spread across replicas."""
+    """npo.runtime.engine.RolloutEngine whose policy lives in the RolloutService replicas at `addresses`
+    ("host:port", or a list of them); see the module docstring for how a call is spread across replicas."""
 
     def __init__(
         self,
@@ -259,7 +259,7 @@ class RolloutClient:
     def generate(
         self, prompts: list[list[int]], n: int, params: SamplingParams, *, seed: int
     ) -> list[list[Generation]]:
-        """npo.rollout.RolloutEngine.generate: n Generations per prompt, in prompt order (not verified)."""
+        """npo.runtime.engine.RolloutEngine.generate: n Generations per prompt, in prompt order (not verified)."""
         groups = self.generate_verified([""] * len(prompts), prompts, n, params, seed=seed)
         return [[generation_from_sample(sample) for sample in group] for group in groups]
 
@@ -274,7 +274,7 @@ class RolloutClient:
         checkpoint: str | os.PathLike = "",
         step: int = -1,
     ) -> list[list[float]]:
-        """npo.rollout.RolloutEngine.score: teacher-forced log pi(token | prefix) of every response token under
+        """npo.runtime.engine.RolloutEngine.score: teacher-forced log pi(token | prefix) of every response token under
         softmax(logits / temperature), one list per response; under the checkpoint folder `checkpoint` (its
         `step`, -1: the checkpoint's own) when given, else the loaded policy."""
         if len(prompts) != len(responses):

@@ -1,6 +1,6 @@
 """RolloutService (proto/npo/v1/rollout.proto) over a rollout engine: sample and verify, weight sync, scoring.
 
-The engine is an npo.rollout.RolloutEngine (generate, score): the embedded TransformersEngine today, vLLM later.
+The engine is an npo.runtime.engine.RolloutEngine (generate, score): the embedded TransformersEngine today, vLLM later.
 Loading a weights folder in place and scoring under another checkpoint need the engine's torch model, which only
 TransformersEngine exposes; another engine answers those calls with UNIMPLEMENTED.
 
@@ -12,7 +12,8 @@ TransformersEngine exposes; another engine answers those calls with UNIMPLEMENTE
   of that prompt_id (it catches a rollout server configured with another task); `metadata_json` is not read, the
   task's problem carries its metadata. `task` must be empty or the server's task name.
 - LoadPolicy: the weights of a folder (`checkpoint.path` on the server's file system) are copied into the engine's
-  model in place (npo.learner.load_weights; the engine is not rebuilt). A checkpoint folder of npo.checkpoint
+  model in place (npo.runtime.learner.load_weights; the engine is not rebuilt). A checkpoint folder of
+  npo.runtime.checkpoint
   (`step_NNNNNN` with meta.json) has every checksum verified first, and its step is the checkpoint's
   (`checkpoint.step` -1 takes it, another value must equal it); a plain HF folder (model.save_pretrained) takes
   `checkpoint.step` as given (-1: unknown). Loading what is already loaded (same folder, step, version tag and
@@ -47,17 +48,18 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import torch
 
-from npo.checkpoint import CheckpointError, CheckpointManager
-from npo.learner import load_weights
-from npo.rollout import Generation, RolloutEngine, SamplingParams, TransformersEngine
-from npo.types import Problem, Sample
+from npo.core.types import Problem
+from npo.runtime.checkpoint import CheckpointError, CheckpointManager
+from npo.runtime.engine import RolloutEngine, SamplingParams, TransformersEngine
+from npo.runtime.learner import load_weights
+from npo.runtime.verify import verified_sample
 from services.grpc_common import DEFAULT_MAX_MESSAGE_BYTES, add_health, bind, make_server, sample_to_message
 from services.proto.npo.v1 import common_pb2
 from services.proto.npo.v1 import rollout_pb2 as pb
@@ -68,7 +70,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RolloutService"].full_name
 """Full name of the service ("npo.v1.RolloutService"), as health checks and service configs name it."""
 WEIGHTS_FILE = "model.safetensors"
-"""The weights file of a policy folder (what npo.learner.load_weights reads)."""
+"""The weights file of a policy folder (what npo.runtime.learner.load_weights reads)."""
 UNKNOWN_STEP = -1
 """Policy step of weights whose training step is not known."""
 
@@ -88,7 +90,7 @@ class PolicyFolder:
     created_unix_ms: int
     """When the folder was completed (the caller's value, else the mtime of meta.json or of the weights file)."""
     checkpoint: bool
-    """True for a checkpoint folder of npo.checkpoint (verified before its weights are loaded)."""
+    """True for a checkpoint folder of npo.runtime.checkpoint (verified before its weights are loaded)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -107,7 +109,7 @@ def check_token_ids(name: str, ids: Sequence[int], vocab_size: int, *, allow_emp
 
 
 def sampling_from_message(message: common_pb2.SamplingParams) -> tuple[SamplingParams, int]:
-    """npo.v1.SamplingParams -> (npo.rollout.SamplingParams, seed); top_p 0 (unset) is read as 1.0."""
+    """npo.v1.SamplingParams -> (npo.runtime.engine.SamplingParams, seed); top_p 0 (unset) is read as 1.0."""
     if not (math.isfinite(message.temperature) and message.temperature >= 0.0):
         raise ValueError(f"sampling.temperature: must be >= 0 (0 = greedy), got {message.temperature}")
     top_p = message.top_p or 1.0
@@ -190,7 +192,7 @@ def sequences_from_request(request: pb.ScoreRequest, vocab_size: int) -> tuple[l
 
 
 def checkpoint_step_of(folder: Path) -> int | None:
-    """The step of `folder` when it is a complete checkpoint folder of npo.checkpoint, else None."""
+    """The step of `folder` when it is a complete checkpoint folder of npo.runtime.checkpoint, else None."""
     manager = CheckpointManager(folder.parent)
     return next((step for step in manager.steps() if manager.path(step) == folder), None)
 
@@ -238,23 +240,6 @@ def resolve_folder(info: common_pb2.CheckpointInfo, name: str = "checkpoint") ->
 # Engine results to replies.
 
 
-def verified_sample(
-    prompt_id: str,
-    problem: Problem | None,
-    generation: Generation,
-    decode: Callable[[list[int]], str],
-    reward: Callable[[Problem, str], float],
-    policy_step: int,
-) -> Sample:
-    """The Sample of one generation: decoded text, and reward(problem, text) when it finished and a problem is
-    given, 0.0 otherwise (the same rule as the embedded runner's verification)."""
-    text = decode(generation.token_ids)
-    value = float(reward(problem, text)) if problem is not None and generation.finished else 0.0
-    return Sample(
-        prompt_id, list(generation.token_ids), list(generation.logprobs), value, text, policy_step, generation.finished
-    )
-
-
 def checkpoint_info(folder: PolicyFolder) -> common_pb2.CheckpointInfo:
     """The CheckpointInfo reporting a loaded folder."""
     return common_pb2.CheckpointInfo(
@@ -283,7 +268,7 @@ def verify_folder(folder: PolicyFolder) -> None:
 
 
 def load_folder_weights(model: torch.nn.Module, folder: PolicyFolder) -> None:
-    """npo.learner.load_weights, with weights that do not fit the model (names or shapes) as a ValueError naming
+    """npo.runtime.learner.load_weights, with weights that do not fit the model (names or shapes) as a ValueError naming
     the folder. A failure can leave `model` partly overwritten."""
     try:
         load_weights(model, folder.path)
@@ -318,7 +303,7 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
     """npo.v1.RolloutService on `engine` (holding the policy at `policy_step`), verifying with `task`'s reward.
 
     `tokenizer` decodes responses (skip_special_tokens=True) and bounds token ids (len(tokenizer)); `task` is an
-    npo.tasks.Task whose train and test problems are looked up by prompt_id; at most `max_scorers` checkpoint
+    npo.runtime.tasks.Task whose train and test problems are looked up by prompt_id; at most `max_scorers` checkpoint
     copies are kept for Score.
     """
 
@@ -474,7 +459,7 @@ def serve_vllm_policy(policy, task, dtype: str, args: argparse.Namespace) -> tup
     import shutil
     import tempfile
 
-    from npo.models import save_policy
+    from npo.runtime.models import save_policy
     from services.rollout.vllm_engine import VLLMEngine, serve_vllm
 
     folder = Path(tempfile.mkdtemp(prefix="npo-vllm-policy-"))
@@ -494,8 +479,8 @@ def serve_vllm_policy(policy, task, dtype: str, args: argparse.Namespace) -> tup
 def main(argv: Sequence[str] | None = None) -> int:
     """Load the policy and task of the run config (as `npo train` does), then serve until SIGTERM or Ctrl-C;
     prints `serving on HOST:PORT` once ready."""
-    from npo.run_config import load_run_config
-    from services.cli import build_policy_and_task
+    from npo.runtime.run_config import load_run_config
+    from services.wiring import build_policy_and_task
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

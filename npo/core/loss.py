@@ -6,14 +6,14 @@ docs/npo-method.md section 2, step 5:
     r_it = pi_theta(o_it | x, o_i,<t) / q_i(o_it | x, o_i,<t)
 
 q_i is pi^(t) for on-policy slots and, for the guide slot, pi^(t+Delta) (is_correction on) or pi^(t) (off); the
-caller passes q_i as `behaviour_logprobs` (see npo.gate). All functions are pure: tensors in, tensors out.
+caller passes q_i as `behaviour_logprobs` (see npo.core.gate). All functions are pure: tensors in, tensors out.
 """
 
 from __future__ import annotations
 
 import torch
 
-from npo.config import LossAggregation
+from npo.core.config import LossAggregation
 
 
 def _check_same_shape(**tensors: torch.Tensor) -> tuple[int, ...]:
@@ -101,7 +101,7 @@ def policy_loss(
     Args:
         logprobs: (B, T) log pi_theta of the response tokens (with grad).
         behaviour_logprobs: (B, T) log q_i of the same tokens (no grad needed; detached here).
-        advantages: (B,) one advantage per sequence (group-relative, see npo.advantages).
+        advantages: (B,) one advantage per sequence (group-relative, see npo.core.advantages).
         mask: (B, T) 1 for response tokens, 0 for padding.
         is_guide: (B,) bool, True for guide slots (for the split metrics); None = no guide.
         eps_low, eps_high: clip range.

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from npo.config import (
+from npo.core.config import (
     AlgoConfig,
     AutoNPOConfig,
     ConfigError,
@@ -31,9 +31,9 @@ from npo.config import (
     load_yaml,
     to_dict,
 )
-from npo.models import DEVICES, ModelConfig
-from npo.rollout import SamplingParams
-from npo.tasks import TaskConfig
+from npo.runtime.engine import SamplingParams
+from npo.runtime.models import DEVICES, ModelConfig
+from npo.runtime.tasks import TaskConfig
 
 
 @dataclass

@@ -25,7 +25,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
-from npo.config import AutoNPOConfig
+from npo.core.config import AutoNPOConfig
 
 
 class Ema:

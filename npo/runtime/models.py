@@ -44,8 +44,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from npo.config import ConfigError
-from npo.types import Problem
+from npo.core.config import ConfigError
+from npo.core.types import Problem
 
 TINY = "tiny"
 SMOLLM2 = "smollm2-135m"

@@ -19,7 +19,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from npo.types import Sample
+from npo.core.types import Sample
 
 RolloutScorer = Callable[[list[Sample]], list[list[float]]]
 """Given guide samples, return the rollout policy pi^(t)'s per-token log-probs of each guide's response tokens."""

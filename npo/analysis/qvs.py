@@ -25,7 +25,6 @@ scores them). Log-probs are computed in float32 at the run's rollout temperature
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -39,14 +38,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen before pyplot is imported
 import numpy as np  # noqa: E402
 
-from npo.autonpo import mean_token_kl, v_hat  # noqa: E402
-from npo.checkpoint import CheckpointManager  # noqa: E402
-from npo.models import ModelConfig, load_policy  # noqa: E402
-from npo.rollout import SamplingParams, TransformersEngine  # noqa: E402
-from npo.run_config import load_run_config  # noqa: E402
-from npo.runner import PolicyLike, TaskLike  # noqa: E402
-from npo.tasks import load_task  # noqa: E402
-from npo.types import Problem  # noqa: E402
+from npo.core.autonpo import mean_token_kl, v_hat  # noqa: E402
+from npo.core.seeds import derive_seed  # noqa: E402
+from npo.core.types import Problem  # noqa: E402
+from npo.runtime.checkpoint import CheckpointManager  # noqa: E402
+from npo.runtime.engine import SamplingParams, TransformersEngine  # noqa: E402
+from npo.runtime.models import ModelConfig, load_policy  # noqa: E402
+from npo.runtime.run_config import load_run_config  # noqa: E402
+from npo.runtime.runner import PolicyLike, TaskLike  # noqa: E402
+from npo.runtime.tasks import load_task  # noqa: E402
 
 
 @dataclass
@@ -74,10 +74,9 @@ class Draw:
 # Pure pieces.
 
 
-def derive_seed(seed: int, purpose: str) -> int:
-    """A 63-bit seed that depends only on (seed, purpose)."""
-    digest = hashlib.sha256(f"{seed}/analysis/{purpose}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+def analysis_seed(seed: int, purpose: str) -> int:
+    """A 63-bit seed that depends only on (seed, purpose): npo.core.seeds.derive_seed(seed, "analysis", purpose)."""
+    return derive_seed(seed, "analysis", purpose)
 
 
 def pick_prompts(train: Sequence[Problem], num_prompts: int, seed: int) -> list[Problem]:
@@ -158,7 +157,7 @@ def draw(
 
 
 def load_checkpoint_policy(folder: Path, device: str = "cpu") -> PolicyLike:
-    """A checkpoint folder as an npo.models.Policy in float32 (prompt encoding as in training: tiny preset ->
+    """A checkpoint folder as an npo.runtime.models.Policy in float32 (prompt encoding as in training: tiny preset ->
     [bos] + characters of compact_prompt; chat tokenizer -> chat template)."""
     policy = load_policy(ModelConfig(preset=str(folder), dtype="float32"), seed=0)
     policy.model.to(device)
@@ -234,11 +233,11 @@ def analyze_run(
         engine = TransformersEngine(policy.model, eos_id=policy.eos_id, pad_id=policy.pad_id)
         if step in futures:
             future_draws[step] = draw(
-                policy, engine, task.reward, problems, samples, params, derive_seed(seed, "future"), threshold
+                policy, engine, task.reward, problems, samples, params, analysis_seed(seed, "future"), threshold
             )
         if step in pairs:
             anchor_draws[step] = draw(
-                policy, engine, task.reward, problems, samples, params, derive_seed(seed, "anchor"), threshold
+                policy, engine, task.reward, problems, samples, params, analysis_seed(seed, "anchor"), threshold
             )
             for d in pairs[step]:
                 future = future_draws[step + d]
@@ -351,14 +350,14 @@ def analyze_sources(
     for key in sorted({k for entries in plan.values() for _, _, k in entries}, key=str):
         policy = load(key)
         engine = TransformersEngine(policy.model, eos_id=policy.eos_id, pad_id=policy.pad_id)
-        future_seed = derive_seed(seed, "future")
+        future_seed = analysis_seed(seed, "future")
         draws[key] = draw(policy, engine, task.reward, problems, samples, params, future_seed, threshold)
         del policy, engine
     rows = []
     for t, entries in plan.items():
         policy = load(("step", t))
         engine = TransformersEngine(policy.model, eos_id=policy.eos_id, pad_id=policy.pad_id)
-        anchor = draw(policy, engine, task.reward, problems, samples, params, derive_seed(seed, "anchor"), threshold)
+        anchor = draw(policy, engine, task.reward, problems, samples, params, analysis_seed(seed, "anchor"), threshold)
         q0 = q_value(anchor.solved, draws[("step", t)].solved)[0]
         for source, delta, key in entries:
             other = draws[key]

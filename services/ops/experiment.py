@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from npo.config import ConfigError
+from npo.core.config import ConfigError
 
 PLACEHOLDER = re.compile(r"\{(final|model):([A-Za-z0-9_.-]+)\}|\{seed\}")
 
@@ -64,7 +64,7 @@ class ModelSpec:
 
 @dataclass
 class AnalysisSpec:
-    """Q/V/S of guide sources measured on checkpoints of `arm`'s runs (npo.analyze.analyze_sources)."""
+    """Q/V/S of guide sources measured on checkpoints of `arm`'s runs (npo.analysis.qvs.analyze_sources)."""
 
     arm: str = ""
     seeds: list[int] = field(default_factory=list)
@@ -210,7 +210,7 @@ def load_experiment(path: str | Path) -> Experiment:
 
 
 def _check_arm_config(exp: Experiment, arm: Arm) -> None:
-    from npo.run_config import load_run_config
+    from npo.runtime.run_config import load_run_config
 
     stand_in = {k: PLACEHOLDER.sub(lambda m: str(exp.base.parent) if m.group(1) else "0", str(v)) for k, v in
                 arm.set.items()}  # fmt: skip
@@ -246,7 +246,7 @@ def is_done(folder: Path) -> bool:
 
 def final_checkpoint(folder: Path) -> Path:
     """The newest checkpoint folder of a finished run."""
-    from npo.checkpoint import CheckpointManager
+    from npo.runtime.checkpoint import CheckpointManager
 
     ckpt = CheckpointManager(folder / "checkpoints")
     step = ckpt.latest()
@@ -286,9 +286,9 @@ def train_command(exp: Experiment, arm: Arm, seed: int) -> list[str]:
 
 def build_models(exp: Experiment, log) -> None:
     """The `models` section: each built once into OUT/models/<name> (skipped when present)."""
-    from npo.models import save_policy
-    from npo.run_config import load_run_config
-    from services.cli import build_policy_and_task
+    from npo.runtime.models import save_policy
+    from npo.runtime.run_config import load_run_config
+    from services.wiring import build_policy_and_task
 
     for spec in exp.models:
         folder = exp.out / "models" / spec.name
@@ -378,7 +378,7 @@ def run_analysis(exp: Experiment, log=print) -> list[dict[str, Any]]:
         return []
     if cache.is_file():
         return json.loads(cache.read_text())
-    from npo.analyze import analyze_sources
+    from npo.analysis.qvs import analyze_sources
 
     a = exp.analysis
     rows: list[dict[str, Any]] = []
@@ -434,9 +434,9 @@ def git_commit() -> str:
 
 
 def write_report(exp: Experiment, analysis: list[dict[str, Any]], meta: dict[str, Any]) -> Path:
-    from npo.evidence import write_results
-    from npo.report import load_run
-    from npo.run_config import load_run_config
+    from npo.analysis.evidence import write_results
+    from npo.analysis.report import load_run
+    from npo.runtime.run_config import load_run_config
 
     grid: dict[str, dict[int, Any]] = {}
     for arm in exp.arms:

@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from npo.advantages import group_advantages
-from npo.config import AlgoConfig, LossAggregation
-from npo.gate import MixedGroup
-from npo.loss import policy_loss
-from npo.rollout import build_batch, scatter_responses, token_logprobs
+from npo.core.advantages import group_advantages
+from npo.core.config import AlgoConfig, LossAggregation
+from npo.core.gate import MixedGroup
+from npo.core.loss import policy_loss
+from npo.runtime.batch import build_batch, scatter_responses, token_logprobs
 
 # ----------------------------------------------------------------------------------------------------------------
 # The step's maths, engine-independent: TorchLearner and services/learner's DeepSpeedLearner share it.
@@ -117,7 +117,7 @@ def micro_batch_loss(
     """Teacher-forced log-probs of the rows under `model` (with grad) and the clipped surrogate over them.
 
     The batch (B rows, width T) is built on the model's device; logprobs, entropy, behaviour log-probs (B, T - 1),
-    advantages and is_guide (B,) go to npo.loss.policy_loss with the algo's clip range, aggregation and
+    advantages and is_guide (B,) go to npo.core.loss.policy_loss with the algo's clip range, aggregation and
     entropy/KL terms. `autocast` runs the policy forward in bfloat16 autocast; the reference model (KL term) runs
     without grad and without autocast.
     """

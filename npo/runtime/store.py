@@ -23,7 +23,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
-from npo.types import Sample
+from npo.core.types import Sample
 
 SAMPLE_JSON_VERSION = 1
 """Version field written into every serialised Sample; readers reject other versions."""

@@ -31,7 +31,7 @@ class Method(enum.StrEnum):
 
 
 class LossAggregation(enum.StrEnum):
-    """How per-token surrogate terms are reduced to one loss value (see npo.loss.aggregate)."""
+    """How per-token surrogate terms are reduced to one loss value (see npo.core.loss.aggregate)."""
 
     SEQ_MEAN_TOKEN_MEAN = "seq_mean_token_mean"
     """The paper's GRPO form: token-mean within each sequence, then mean over sequences."""

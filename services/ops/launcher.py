@@ -36,7 +36,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from npo.config import ConfigError
+from npo.core.config import ConfigError
 
 STATE_FILE = "services.json"
 """What `npo up` started, in the run folder."""
@@ -283,8 +283,8 @@ def prepare_run(config: str | None, overrides: list[str], out: str | os.PathLike
     model cache here (so the processes do not all build it). Returns (cfg, run_dir, config_file)."""
     import yaml
 
-    from npo.run_config import load_run_config, run_config_to_dict
-    from services.cli import build_policy_and_task
+    from npo.runtime.run_config import load_run_config, run_config_to_dict
+    from services.wiring import build_policy_and_task
 
     if replicas < 1:
         raise ConfigError(f"--replicas: must be >= 1, got {replicas}")

@@ -1,6 +1,7 @@
 """Evidence of a finished experiment grid: arms x seeds of run folders turned into docs/results.md and PNG plots.
 
-Pure functions over parsed run folders (npo.report.load_run); nothing here trains or reads anything but its inputs.
+Pure functions over parsed run folders (npo.analysis.report.load_run); nothing here trains or reads anything but
+its inputs.
 
     grid = {"grpo": {0: load_run("out/grpo/seed0"), ...}, "npo_early": {...}}
     text = write_results(grid, spec, analysis_rows, meta, Path("docs/results.md"), Path("docs/figures"))
@@ -31,7 +32,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen before pyplot is imported
 import numpy as np  # noqa: E402
 
-from npo.report import (  # noqa: E402
+from npo.analysis.report import (  # noqa: E402
     FINAL,
     EvalPoint,
     RunData,

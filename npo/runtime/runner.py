@@ -5,7 +5,7 @@ The runner drives the data path of one step (docs/architecture.md):
     prompts (data cursor = step) -> rollout.generate(n) -> verify -> p_hat -> mistakes to the pool
     -> [NPO segment] guides from the cache for gated prompts -> mixed groups -> learner.train_step -> metrics
 
-and executes interventions, which are pure plans (npo.interventions) or AutoNPO decisions (npo.autonpo):
+and executes interventions, which are pure plans (npo.core.interventions) or AutoNPO decisions (npo.core.autonpo):
 scout (plain training), generate + verify guides with the guide checkpoint, cache them, roll back (weights,
 optimizer, RNG, data cursor), replay the segment with NPO.
 
@@ -22,7 +22,6 @@ Checkpoint t holds pi^(t).
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import signal
@@ -36,25 +35,26 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from npo.autonpo import AutoNPO, mean_token_kl
-from npo.checkpoint import CheckpointManager, rng_state, set_rng_state
-from npo.config import Method
-from npo.gate import build_mixed_groups, first_correct, group_pass_rate
-from npo.interventions import (
+from npo.core.autonpo import AutoNPO, mean_token_kl
+from npo.core.config import Method
+from npo.core.gate import build_mixed_groups, first_correct, group_pass_rate
+from npo.core.interventions import (
     InterventionPlan,
     autonpo_plan,
     early_bootstrap_plan,
     plateau_breakthrough_plan,
 )
-from npo.learner import TorchLearner, load_weights
-from npo.rollout import RolloutEngine, SamplingParams, TransformersEngine
-from npo.run_config import MODEL_SOURCES, RunConfig, run_config_to_dict
-from npo.store import GuideStore, sample_from_json, sample_to_json
-from npo.types import Problem, Sample
+from npo.core.seeds import derive_seed
+from npo.core.types import Problem, Sample
+from npo.runtime.checkpoint import CheckpointManager, rng_state, set_rng_state
+from npo.runtime.engine import RolloutEngine, SamplingParams, TransformersEngine
+from npo.runtime.learner import TorchLearner, load_weights
+from npo.runtime.run_config import MODEL_SOURCES, RunConfig, run_config_to_dict
+from npo.runtime.store import GuideStore, sample_from_json, sample_to_json
 
 
 class PolicyLike(Protocol):
-    """What the runner needs of a policy (npo.models.Policy satisfies it)."""
+    """What the runner needs of a policy (npo.runtime.models.Policy satisfies it)."""
 
     model: torch.nn.Module
     tokenizer: Any
@@ -65,7 +65,7 @@ class PolicyLike(Protocol):
 
 
 class TaskLike(Protocol):
-    """What the runner needs of a task (npo.tasks.Task satisfies it)."""
+    """What the runner needs of a task (npo.runtime.tasks.Task satisfies it)."""
 
     name: str
     train: list[Problem]
@@ -75,7 +75,7 @@ class TaskLike(Protocol):
 
 
 class LearnerLike(Protocol):
-    """What the runner needs of a learner: npo.learner.TorchLearner, or services/learner's DeepSpeedLearner."""
+    """What the runner needs of a learner: npo.runtime.learner.TorchLearner, or services/learner's DeepSpeedLearner."""
 
     def train_step(self, groups: Sequence[Any], prompt_ids: dict[str, list[int]]) -> dict[str, float]: ...
 
@@ -99,12 +99,6 @@ def learner_kwargs(cfg: RunConfig, pad_id: int) -> dict[str, Any]:
         "temperature": cfg.rollout.temperature,
         "max_len": cfg.rollout.max_new_tokens,
     }
-
-
-def derive_seed(seed: int, purpose: str, step: int) -> int:
-    """A 63-bit seed that depends only on (run seed, purpose, step)."""
-    digest = hashlib.sha256(f"{seed}/{purpose}/{step}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 class PromptSampler:
@@ -462,7 +456,7 @@ class Runner:
         every train prompt, sampled once (seeded by the run seed only, so a resumed run gets the same guides)."""
         if self._model_guides is not None:
             return self._model_guides
-        from npo.models import ModelConfig, load_policy
+        from npo.runtime.models import ModelConfig, load_policy
 
         cfg = self.cfg
         folder = Path(cfg.guide.model).expanduser()
@@ -773,7 +767,7 @@ class Runner:
 
 
 def _plan_args(d: dict[str, Any]) -> dict[str, Any]:
-    from npo.interventions import InterventionKind
+    from npo.core.interventions import InterventionKind
 
     return {**d, "kind": InterventionKind(d["kind"])}
 

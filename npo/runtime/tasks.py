@@ -44,8 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from npo.config import ConfigError
-from npo.types import Problem
+from npo.core.config import ConfigError
+from npo.core.types import Problem
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Run reports and run comparisons: read a run folder, plot it, summarise it in markdown.
 
-A run folder (written by npo.runner) holds `metrics.jsonl` (one row per training step, plus a last row with
+A run folder (written by npo.runtime.runner) holds `metrics.jsonl` (one row per training step, plus a last row with
 `segment: "final"`), `interventions.jsonl` and `config.yaml`. After a rollback the runner writes the replayed steps
 again, so the file holds superseded rows (a scout's steps 0..19 followed by the replay's steps 0..19):
 

@@ -1,0 +1,1 @@
+"""Run analysis and reporting: run loading, plots, reports, Q/V/S, evidence statistics."""

@@ -1,0 +1,1 @@
+"""The embedded roles and the step loop: engines, learner, store, checkpoints, models, tasks, runner."""
