@@ -131,6 +131,20 @@ class Segment:
     npo: bool = False
     guide_step: int = -1
     end: int = -1
+    tau_gate: float | None = None
+    """This NPO segment's gate threshold; None = algo.tau_gate of the run config."""
+    is_correction: bool | None = None
+    """This NPO segment's IS switch for the guide slot; None = algo.is_correction of the run config."""
+
+    def gate(self, algo: Any) -> tuple[float, bool]:
+        """(tau_gate, is_correction) in force during this segment: its own values in an NPO segment, else the run's."""
+        tau = self.tau_gate if self.npo and self.tau_gate is not None else algo.tau_gate
+        correction = self.is_correction if self.npo and self.is_correction is not None else algo.is_correction
+        return tau, correction
+
+    def state(self) -> dict[str, Any]:
+        """The segment as checkpoint state (gate fields only when set, so older checkpoints read the same)."""
+        return {k: v for k, v in self.__dict__.items() if v is not None}
 
 
 class Interrupted(Exception):
@@ -323,7 +337,8 @@ class Runner:
             self.store.record_mistakes(self.run, t, failed)
 
         guides: dict[str, Sample] = {}
-        gated = [p for p, r in pass_rates.items() if r <= cfg.algo.tau_gate]
+        tau_gate, is_correction = self.segment.gate(cfg.algo)
+        gated = [p for p, r in pass_rates.items() if r <= tau_gate]
         if self.segment.npo and gated:
             guides = self.store.get_guides(self.run, self.segment.guide_step, gated)
         elif self.guide_source == "past":
@@ -346,9 +361,9 @@ class Runner:
         mixed = build_mixed_groups(
             groups,
             guides,
-            tau_gate=cfg.algo.tau_gate,
+            tau_gate=tau_gate,
             correct_threshold=thr,
-            is_correction=cfg.algo.is_correction,
+            is_correction=is_correction,
             rollout_logprobs=rollout_logprobs,
         )
         metrics = self.learner.train_step(mixed, prompt_ids)
@@ -361,7 +376,7 @@ class Runner:
             "reward_mean": float(np.mean([s.reward for s in onpolicy])),
             "pass_rate": float(np.mean(list(pass_rates.values()))),
             "zero_groups": sum(r == 0.0 for r in pass_rates.values()) / len(pass_rates),
-            "gated_groups": sum(r <= cfg.algo.tau_gate for r in pass_rates.values()),
+            "gated_groups": sum(r <= tau_gate for r in pass_rates.values()),
             "response_len": float(np.mean([len(s.response_ids) for s in onpolicy])),
             "gen_seconds": gen_seconds,
             **metrics,
@@ -601,7 +616,7 @@ class Runner:
             "step": self.step,
             "optimizer_steps": self.optimizer_steps,
             "samples_total": self.samples_total,
-            "segment": self.segment.__dict__,
+            "segment": self.segment.state(),
             "plans": [{"plan": e["plan"].to_dict(), "phase": e["phase"]} for e in self.plans],
             "autonpo": self.autonpo.state_dict(),
             "mistakes": sorted(self.store.get_mistakes(self.run, 0, 1 << 62).items()),

@@ -27,7 +27,7 @@ from typing import Any
 
 import grpc
 
-from npo.core.config import AlgoConfig, ConfigError
+from npo.core.config import ConfigError
 from npo.runtime.runner import Interrupted, Runner, Segment
 from services.grpc_common import DEFAULT_MAX_MESSAGE_BYTES, add_health, bind, make_server
 from services.proto.npo.v1 import common_pb2
@@ -104,21 +104,6 @@ def segment_spec_from_request(request: pb.RunSegmentRequest) -> SegmentSpec:
     return SegmentSpec(request.from_step, request.length, True, request.guide_step, tau, is_correction, request.label)
 
 
-@contextlib.contextmanager
-def algo_overrides(algo: AlgoConfig, spec: SegmentSpec) -> Iterator[None]:
-    """Apply the segment's tau_gate and is_correction to `algo` (the runner's, shared with its learner) and restore
-    the previous values on exit."""
-    saved = (algo.tau_gate, algo.is_correction)
-    if spec.npo and spec.tau_gate is not None:
-        algo.tau_gate = spec.tau_gate
-    if spec.npo and spec.is_correction is not None:
-        algo.is_correction = spec.is_correction
-    try:
-        yield
-    finally:
-        algo.tau_gate, algo.is_correction = saved
-
-
 def numeric_metrics(row: dict[str, Any]) -> dict[str, float]:
     """The numeric entries of a metrics row as floats (strings such as `segment` are left out)."""
     return {k: float(v) for k, v in row.items() if isinstance(v, (int, float))}
@@ -176,7 +161,10 @@ class LearnerControl:
             self._count += 1
             self.finished = False
             self.current = SegmentRun(f"seg-{self._count:06d}", spec)
-            self.runner.segment = Segment(spec.name, spec.npo, spec.guide_step if spec.npo else -1, spec.end_step)
+            guide_step = spec.guide_step if spec.npo else -1
+            self.runner.segment = Segment(
+                spec.name, spec.npo, guide_step, spec.end_step, spec.tau_gate, spec.is_correction
+            )
             self._start()
             return self.current
 
@@ -189,8 +177,7 @@ class LearnerControl:
     def _work(self, run: SegmentRun) -> None:
         outcome, error = IDLE, ""
         try:
-            with algo_overrides(self.runner.cfg.algo, run.spec):
-                self.runner.run_until(run.spec.end_step)
+            self.runner.run_until(run.spec.end_step)  # the segment carries its own gate settings
             if self.runner.step >= self.runner.cfg.train.steps:
                 self.runner.finish()
                 self.finished = True
