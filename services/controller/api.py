@@ -175,9 +175,17 @@ def create_app(controller: Any, token: str | None, *, read_auth: bool = False) -
         if not hmac.compare_digest(given.encode(), token.encode()):
             raise _Refused(401, "missing or wrong bearer token")
 
+    add_error_handlers(app)
     mutate = [Depends(check)]
-    read = mutate if read_auth else []
-    read_errors = (401, 503) if read_auth else ()
+    add_routes(
+        app, controller, mutate=mutate, read=mutate if read_auth else [], read_errors=(401, 503) if read_auth else ()
+    )
+    return app
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error as a JSON body {"detail": ...} with its status: refusals 401/503, Busy/Conflict 409, NotFound 404,
+    bad values 422, anything unexpected 500 with one line (the traceback goes to the log only)."""
 
     @app.exception_handler(_Refused)
     async def refused(request: Request, exc: _Refused) -> JSONResponse:
@@ -223,6 +231,10 @@ def create_app(controller: Any, token: str | None, *, read_auth: bool = False) -
         log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         return _error(500, f"internal error ({type(exc).__name__}: {first}); see the controller's log")
+
+
+def add_routes(app: FastAPI, controller: Any, *, mutate: list, read: list, read_errors: tuple[int, ...]) -> None:
+    """The routes: each converts its body, calls the controller, and answers its (finite) reply."""
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
@@ -270,8 +282,6 @@ def create_app(controller: Any, token: str | None, *, read_auth: bool = False) -
         if found is None:
             raise NotFound(f"no intervention {intervention_id!r}")
         return finite(found)
-
-    return app
 
 
 class _Refused(Exception):
