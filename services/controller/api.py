@@ -19,7 +19,8 @@ Errors (body `{"detail": ...}`): an invalid body or query -> 422 naming the fiel
 int, 1 is not a bool; unknown fields are refused; a body that is not JSON is 422 too); ValueError / ConfigError from
 the controller -> 422 with its message; errors.Busy -> 409 with `running_id`; errors.Conflict -> 409; errors.NotFound
 -> 404; anything else -> 500 with a one-line message (the traceback goes to the server log only). Non-finite floats
-in the controller's answers are sent as null (JSON has no NaN; a missing reading is null, never 0).
+in the controller's answers are sent as null (JSON has no NaN; a missing reading is null, never 0). A request body
+larger than MAX_BODY_BYTES (64 KiB) is 413 before it is parsed: by its Content-Length, or while it streams in.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -49,6 +50,9 @@ log = logging.getLogger(__name__)
 
 TOKEN_ENV = "NPO_API_TOKEN"
 """Environment variable holding the API token."""
+
+MAX_BODY_BYTES = 64 * 1024
+"""Largest request body the API reads (every valid body is a few hundred bytes); a larger one is 413."""
 
 
 def load_token(env: str = TOKEN_ENV, file: str | os.PathLike | None = None) -> str | None:
@@ -176,6 +180,7 @@ def create_app(controller: Any, token: str | None, *, read_auth: bool = False) -
             raise _Refused(401, "missing or wrong bearer token")
 
     add_error_handlers(app)
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
     mutate = [Depends(check)]
     add_routes(
         app, controller, mutate=mutate, read=mutate if read_auth else [], read_errors=(401, 503) if read_auth else ()
@@ -282,6 +287,35 @@ def add_routes(app: FastAPI, controller: Any, *, mutate: list, read: list, read_
         if found is None:
             raise NotFound(f"no intervention {intervention_id!r}")
         return finite(found)
+
+
+class BodyLimit:
+    """ASGI middleware: a request whose body exceeds `limit` bytes is answered 413 without being parsed (a declared
+    Content-Length is checked first; a streamed body is counted as it arrives)."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or ()).get(b"content-length", b"").decode("latin-1")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await _error(413, self.message(declared))(scope, receive, send)
+        seen = 0
+
+        async def counted() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:  # FastAPI passes an HTTPException raised while reading the body to its handler
+                raise HTTPException(413, self.message(f"more than {seen}"))
+            return message
+
+        await self.app(scope, counted, send)
+
+    def message(self, size: str) -> str:
+        return f"request body of {size} bytes exceeds the limit of {self.limit} bytes"
 
 
 class _Refused(Exception):
