@@ -1,5 +1,5 @@
-"""Tests for npo.analysis.evidence on synthetic run folders written the way npo.runtime.runner writes them (a
-rollback included).
+"""Tests for npo.analysis.stats and npo.analysis.results on synthetic run folders written the way npo.runtime.runner
+writes them (a rollback included).
 
 The grid (samples_per_step 4, T = 4, window 2, c_gen = 1 / (1 + 3) = 0.25):
 - grpo (baseline), seeds 0 and 1: steps 0..5 then a final row at 6; eval_acc of pi^(t) = 0.1 t + 0.02 seed, so its
@@ -17,7 +17,9 @@ import math
 import pytest
 import yaml
 
-from npo.analysis.evidence import (
+from npo.analysis.results import write_results
+from npo.analysis.runs import load_run
+from npo.analysis.stats import (
     acc_at,
     activity,
     arm_stats,
@@ -32,9 +34,7 @@ from npo.analysis.evidence import (
     s_checks,
     s_table,
     targets,
-    write_results,
 )
-from npo.analysis.report import load_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SPS = 4

@@ -1,5 +1,5 @@
-"""Tests for npo.analysis.report on synthetic run folders written the way npo.runtime.runner writes them
-(rollbacks included)."""
+"""Tests for npo.analysis.runs and npo.analysis.report on synthetic run folders written the way npo.runtime.runner
+writes them (rollbacks included)."""
 
 from __future__ import annotations
 
@@ -9,17 +9,15 @@ import matplotlib.pyplot as plt
 import pytest
 import yaml
 
-from npo.analysis.report import (
+from npo.analysis.report import compare_runs, comparison_rows, write_report
+from npo.analysis.runs import (
     EvalPoint,
     accuracy_auc,
-    compare_runs,
-    comparison_rows,
     first_reaching,
     load_run,
     main_line,
     read_jsonl,
     run_summary,
-    write_report,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -1,4 +1,4 @@
-"""Offline Q / V / S analysis of a run's checkpoints (docs/npo-method.md section 1; calibration.md, Pilot 2).
+"""Offline Q / V / S analysis of a run's checkpoints (docs/method.md, row "Q / V / S").
 
 For an anchor step t and a distance Delta >= 0 with checkpoints pi^(t) and pi^(t+Delta), on a fixed set P of
 training prompts (the first num_prompts of a seeded shuffle of the train split), `samples` responses each:
@@ -20,6 +20,9 @@ numbers across checkpoints and Deltas); both derive from `seed` only.
 Each checkpoint is loaded once (steps in descending order, so the future samples exist before the anchor that
 scores them). Log-probs are computed in float32 at the run's rollout temperature.
 
+analyze_sources measures the same quantities for other guide sources than the near future (a resample, the past,
+a model folder) against the same anchors.
+
     rows = analyze_run("runs/grpo_seed0", deltas=[10, 20, 40], anchors=[0, 40], num_prompts=256, samples=8, seed=0)
 """
 
@@ -32,21 +35,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen before pyplot is imported
-import numpy as np  # noqa: E402
-
-from npo.core.autonpo import mean_token_kl, v_hat  # noqa: E402
-from npo.core.seeds import derive_seed  # noqa: E402
-from npo.core.types import Problem  # noqa: E402
-from npo.runtime.checkpoint import CheckpointManager  # noqa: E402
-from npo.runtime.engine import SamplingParams, TransformersEngine  # noqa: E402
-from npo.runtime.models import ModelConfig, load_policy  # noqa: E402
-from npo.runtime.run_config import load_run_config  # noqa: E402
-from npo.runtime.runner import PolicyLike, TaskLike  # noqa: E402
-from npo.runtime.tasks import load_task  # noqa: E402
+from npo.analysis.plots import plot_analysis
+from npo.core.autonpo import mean_token_kl, v_hat
+from npo.core.seeds import derive_seed
+from npo.core.types import Problem
+from npo.runtime.checkpoint import CheckpointManager
+from npo.runtime.engine import SamplingParams, TransformersEngine
+from npo.runtime.models import ModelConfig, load_policy
+from npo.runtime.run_config import load_run_config
+from npo.runtime.runner import PolicyLike, TaskLike
+from npo.runtime.tasks import load_task
 
 
 @dataclass
@@ -164,21 +164,105 @@ def load_checkpoint_policy(folder: Path, device: str = "cpu") -> PolicyLike:
     return policy
 
 
-def _run_settings(folder: Path, task: TaskLike | None, params: SamplingParams | None, threshold: float | None):
-    """Task, sampling params and correct threshold: the given ones, else rebuilt from the run's config.yaml."""
-    if task is not None and params is not None and threshold is not None:
-        return task, params, threshold
-    config_path = folder / "config.yaml"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"folder: {folder} has no config.yaml (pass task, params and correct_threshold)")
-    cfg = load_run_config(config_path)
-    if task is None:
-        task = load_task(cfg.task)
-    return task, params or cfg.rollout, cfg.algo.correct_threshold if threshold is None else threshold
+@dataclass(frozen=True)
+class Sampler:
+    """What every draw of one analysis shares: the task's reward, the prompts, samples per prompt, sampling params,
+    the analysis seed and the correct threshold."""
+
+    reward: Callable[[Problem, str], float]
+    problems: list[Problem]
+    samples: int
+    params: SamplingParams
+    seed: int
+    threshold: float
+
+    def draw(self, policy: PolicyLike, engine: TransformersEngine, purpose: str) -> Draw:
+        """draw() of the policy with the seed analysis_seed(seed, purpose): "anchor" or "future"."""
+        seed = analysis_seed(self.seed, purpose)
+        return draw(policy, engine, self.reward, self.problems, self.samples, self.params, seed, self.threshold)
+
+
+def engine_for(policy: PolicyLike) -> TransformersEngine:
+    """A TransformersEngine over the policy's model (its EOS and padding ids)."""
+    return TransformersEngine(policy.model, eos_id=policy.eos_id, pad_id=policy.pad_id)
+
+
+def run_settings(
+    folder: Path, task: TaskLike | None, params: SamplingParams | None, threshold: float | None
+) -> tuple[TaskLike, SamplingParams, float]:
+    """Task, sampling params and correct threshold: the given ones, else rebuilt from the run's config.yaml.
+
+    Raises FileNotFoundError when one is missing and the folder has no config.yaml, ValueError for a temperature
+    <= 0 (log-probs are scored at the rollout temperature).
+    """
+    if task is None or params is None or threshold is None:
+        config_path = folder / "config.yaml"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"folder: {folder} has no config.yaml (pass task, params and correct_threshold)")
+        cfg = load_run_config(config_path)
+        if task is None:
+            task = load_task(cfg.task)
+        params = params or cfg.rollout
+        threshold = cfg.algo.correct_threshold if threshold is None else threshold
+    if not params.temperature > 0:
+        raise ValueError(f"params.temperature: must be > 0 to score samples, got {params.temperature}")
+    return task, params, threshold
+
+
+def sample_kl(engine: TransformersEngine, other: Draw, temperature: float) -> tuple[float, float]:
+    """(k3, k1): per-token KL(other's policy || the engine's policy) on other's samples (module docstring), the
+    samples scored teacher-forced by the engine."""
+    under_anchor = engine.score(other.prompt_ids, other.responses, temperature=temperature)
+    k3, k1 = (mean_token_kl(other.logprobs, under_anchor, e) for e in ("k3", "k1"))
+    return k3, k1
+
+
+def measure(anchor: Draw, other: Draw, q0: float | None, kl: tuple[float, float], samples: int) -> dict[str, Any]:
+    """The Q / KL / V / S fields of one row (anchor pi^(t), `other` the source's draw, kl = sample_kl):
+    prompts, samples, failed, solved, q, q0, kl_k3, kl_k1, mean_len, v, s."""
+    q, failed, solved = q_value(anchor.solved, other.solved)
+    k3, k1 = kl
+    v, s = signal_value(q, k3, other.mean_length)
+    return {
+        "prompts": len(anchor.solved),
+        "samples": samples,
+        "failed": failed,
+        "solved": solved,
+        "q": q,
+        "q0": q0,
+        "kl_k3": k3,
+        "kl_k1": k1,
+        "mean_len": other.mean_length,
+        "v": v,
+        "s": s,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The analysis.
+# The analysis of one run's near futures.
+
+
+def draw_checkpoints(
+    ckpt: CheckpointManager, load: Callable[[Path], PolicyLike], pairs: dict[int, list[int]], sampler: Sampler
+) -> tuple[dict[int, Draw], dict[int, Draw], dict[tuple[int, int], tuple[float, float]]]:
+    """Load each checkpoint once, latest first: the future draw of every t + Delta, the anchor draw of every t, and
+    the (k3, k1) KL of each pair (t, Delta) (the future's samples scored by the anchor)."""
+    futures = {t + d for t, ds in pairs.items() for d in ds}
+    future_draws: dict[int, Draw] = {}
+    anchor_draws: dict[int, Draw] = {}
+    kls: dict[tuple[int, int], tuple[float, float]] = {}
+    for step in sorted(futures | set(pairs), reverse=True):
+        ckpt.verify(step)
+        policy = load(ckpt.path(step))
+        engine = engine_for(policy)
+        if step in futures:
+            future_draws[step] = sampler.draw(policy, engine, "future")
+        if step in pairs:
+            anchor_draws[step] = sampler.draw(policy, engine, "anchor")
+            for d in pairs[step]:
+                kls[(step, d)] = sample_kl(engine, future_draws[step + d], sampler.params.temperature)
+        del policy, engine
+    return future_draws, anchor_draws, kls
 
 
 def analyze_run(
@@ -214,64 +298,23 @@ def analyze_run(
     folder = Path(folder)
     if samples < 1:
         raise ValueError(f"samples: must be >= 1, got {samples}")
-    task, params, threshold = _run_settings(folder, task, params, correct_threshold)
-    if not params.temperature > 0:
-        raise ValueError(f"params.temperature: must be > 0 to score samples, got {params.temperature}")
+    task, params, threshold = run_settings(folder, task, params, correct_threshold)
     ckpt = CheckpointManager(folder / "checkpoints")
     pairs = plan_pairs(ckpt.steps(), deltas, anchors)
     if not pairs:
         raise ValueError(f"folder: {folder} has no checkpoints to analyse")
     problems = pick_prompts(task.train, num_prompts, seed)
-    futures = {t + d for t, ds in pairs.items() for d in ds}
-    load = load_checkpoint or load_checkpoint_policy
-    future_draws: dict[int, Draw] = {}
-    anchor_draws: dict[int, Draw] = {}
-    kls: dict[tuple[int, int], tuple[float, float]] = {}
-    for step in sorted(futures | set(pairs), reverse=True):
-        ckpt.verify(step)
-        policy = load(ckpt.path(step))
-        engine = TransformersEngine(policy.model, eos_id=policy.eos_id, pad_id=policy.pad_id)
-        if step in futures:
-            future_draws[step] = draw(
-                policy, engine, task.reward, problems, samples, params, analysis_seed(seed, "future"), threshold
-            )
-        if step in pairs:
-            anchor_draws[step] = draw(
-                policy, engine, task.reward, problems, samples, params, analysis_seed(seed, "anchor"), threshold
-            )
-            for d in pairs[step]:
-                future = future_draws[step + d]
-                under_anchor = engine.score(future.prompt_ids, future.responses, temperature=params.temperature)
-                kls[(step, d)] = tuple(mean_token_kl(future.logprobs, under_anchor, e) for e in ("k3", "k1"))
-        del policy, engine
+    sampler = Sampler(task.reward, problems, samples, params, seed, threshold)
+    future_draws, anchor_draws, kls = draw_checkpoints(ckpt, load_checkpoint or load_checkpoint_policy, pairs, sampler)
     rows = []
     for t, ds in pairs.items():
         anchor = anchor_draws[t]
         q0 = q_value(anchor.solved, future_draws[t].solved)[0]
         for d in ds:
             future = future_draws[t + d]
-            q, failed, solved = q_value(anchor.solved, future.solved)
-            k3, k1 = kls[(t, d)]
-            v, s = signal_value(q, k3, future.mean_length)
             rows.append(
-                {
-                    "anchor": t,
-                    "delta": d,
-                    "future_step": t + d,
-                    "prompts": len(problems),
-                    "samples": samples,
-                    "failed": failed,
-                    "solved": solved,
-                    "q": q,
-                    "q0": q0,
-                    "kl_k3": k3,
-                    "kl_k1": k1,
-                    "mean_len": future.mean_length,
-                    "v": v,
-                    "s": s,
-                    "pass_rate_anchor": anchor.pass_rate,
-                    "pass_rate_future": future.pass_rate,
-                }
+                {"anchor": t, "delta": d, "future_step": t + d, **measure(anchor, future, q0, kls[(t, d)], samples)}
+                | {"pass_rate_anchor": anchor.pass_rate, "pass_rate_future": future.pass_rate}
             )
     settings = {
         "run": str(folder),
@@ -285,6 +328,32 @@ def analyze_run(
     }
     write_analysis(rows, settings, Path(out) if out is not None else folder)
     return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Guide sources against one run's anchors.
+
+Source = tuple[str, int | None, tuple[str, Any]]
+"""(source name, delta or None, policy key): key ("step", t) is checkpoint t of the run, ("model", path) a folder."""
+
+
+def source_plan(
+    anchors: Sequence[int], deltas: Sequence[int], have: set[int], models: dict[str, Path] | None
+) -> dict[int, list[Source]]:
+    """anchor t -> its sources: resample (pi^(t), delta 0), near_future (pi^(t + Delta), delta +Delta) and past
+    (pi^(t - Delta), delta -Delta) where that checkpoint exists, then each of `models` by name (delta None)."""
+    plan: dict[int, list[Source]] = {}
+    for t in anchors:
+        entries: list[Source] = [("resample", 0, ("step", t))]
+        for d in sorted(deltas):
+            if t + d in have:
+                entries.append(("near_future", d, ("step", t + d)))
+            if t - d in have:
+                entries.append(("past", -d, ("step", t - d)))
+        for name, path in sorted((models or {}).items()):
+            entries.append((name, None, ("model", str(path))))
+        plan[t] = entries
+    return plan
 
 
 def analyze_sources(
@@ -316,9 +385,7 @@ def analyze_sources(
 
     hf_logging.disable_progress_bar()  # one bar per loaded checkpoint would drown the log
     folder = Path(folder)
-    task, params, threshold = _run_settings(folder, task, params, correct_threshold)
-    if not params.temperature > 0:
-        raise ValueError(f"params.temperature: must be > 0 to score samples, got {params.temperature}")
+    task, params, threshold = run_settings(folder, task, params, correct_threshold)
     for d in deltas:
         if isinstance(d, bool) or not isinstance(d, int) or d <= 0:
             raise ValueError(f"deltas: must be integers > 0, got {d!r}")
@@ -327,18 +394,8 @@ def analyze_sources(
     anchors = sorted({t for t in anchors if t in have})
     if not anchors:
         raise ValueError(f"anchors: none of them is a checkpoint of {folder} (checkpoints: {sorted(have)})")
-    problems = pick_prompts(task.train, num_prompts, seed)
-    plan: dict[int, list[tuple[str, int | None, tuple[str, Any]]]] = {}
-    for t in anchors:
-        entries: list[tuple[str, int | None, tuple[str, Any]]] = [("resample", 0, ("step", t))]
-        for d in sorted(deltas):
-            if t + d in have:
-                entries.append(("near_future", d, ("step", t + d)))
-            if t - d in have:
-                entries.append(("past", -d, ("step", t - d)))
-        for name, path in sorted((models or {}).items()):
-            entries.append((name, None, ("model", str(path))))
-        plan[t] = entries
+    sampler = Sampler(task.reward, pick_prompts(task.train, num_prompts, seed), samples, params, seed, threshold)
+    plan = source_plan(anchors, deltas, have, models)
 
     def load(key: tuple[str, Any]) -> PolicyLike:
         if key[0] == "step":
@@ -349,50 +406,29 @@ def analyze_sources(
     draws: dict[tuple[str, Any], Draw] = {}
     for key in sorted({k for entries in plan.values() for _, _, k in entries}, key=str):
         policy = load(key)
-        engine = TransformersEngine(policy.model, eos_id=policy.eos_id, pad_id=policy.pad_id)
-        future_seed = analysis_seed(seed, "future")
-        draws[key] = draw(policy, engine, task.reward, problems, samples, params, future_seed, threshold)
+        engine = engine_for(policy)
+        draws[key] = sampler.draw(policy, engine, "future")
         del policy, engine
     rows = []
     for t, entries in plan.items():
         policy = load(("step", t))
-        engine = TransformersEngine(policy.model, eos_id=policy.eos_id, pad_id=policy.pad_id)
-        anchor = draw(policy, engine, task.reward, problems, samples, params, analysis_seed(seed, "anchor"), threshold)
+        engine = engine_for(policy)
+        anchor = sampler.draw(policy, engine, "anchor")
         q0 = q_value(anchor.solved, draws[("step", t)].solved)[0]
         for source, delta, key in entries:
             other = draws[key]
-            q, failed, solved = q_value(anchor.solved, other.solved)
-            under_anchor = engine.score(other.prompt_ids, other.responses, temperature=params.temperature)
-            k3, k1 = (mean_token_kl(other.logprobs, under_anchor, e) for e in ("k3", "k1"))
-            v, s = signal_value(q, k3, other.mean_length)
-            rows.append(
-                {
-                    "anchor": t,
-                    "source": source,
-                    "delta": delta,
-                    "prompts": len(problems),
-                    "samples": samples,
-                    "failed": failed,
-                    "solved": solved,
-                    "q": q,
-                    "q0": q0,
-                    "kl_k3": k3,
-                    "kl_k1": k1,
-                    "mean_len": other.mean_length,
-                    "v": v,
-                    "s": s,
-                    "pass_rate_source": other.pass_rate,
-                }
-            )
+            kl = sample_kl(engine, other, params.temperature)
+            row = {"anchor": t, "source": source, "delta": delta, **measure(anchor, other, q0, kl, samples)}
+            rows.append(row | {"pass_rate_source": other.pass_rate})
         del policy, engine
-    return [{k: _jsonable(v) for k, v in row.items()} for row in rows]
+    return [{k: jsonable(v) for k, v in row.items()} for row in rows]
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Output.
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """Non-finite floats as None (JSON has no inf / nan)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
@@ -400,6 +436,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def _cell(value: Any, digits: int = 3) -> str:
+    """An analysis.md cell: floats with `digits` decimals, infinity as "inf", None as "n/a"."""
     if value is None:
         return "n/a"
     if isinstance(value, float):
@@ -440,39 +477,11 @@ def analysis_markdown(rows: Sequence[dict[str, Any]], settings: dict[str, Any]) 
     )
 
 
-def plot_analysis(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    """Q, V (log scale once it exceeds 10) and S vs Delta, one line per anchor t; Q(0) of each anchor dotted."""
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    for i, t in enumerate(sorted({r["anchor"] for r in rows})):
-        color = f"C{i % 10}"
-        mine = [r for r in rows if r["anchor"] == t]
-        deltas = [r["delta"] for r in mine]
-        for ax, key in zip(axes, ("q", "v", "s"), strict=True):
-            values = [np.nan if r[key] is None or not math.isfinite(r[key]) else r[key] for r in mine]
-            ax.plot(deltas, values, "o-", color=color, ms=4, label=f"t = {t}")
-        if mine[0]["q0"] is not None:
-            axes[0].axhline(mine[0]["q0"], color=color, linestyle=":", linewidth=1)
-    for ax, title in zip(
-        axes, ("Q(Delta)  (dotted: Q(0) floor)", "V(Delta) = exp(L KL)", "S(Delta) = Q / V"), strict=True
-    ):
-        ax.set_xlabel("Delta (steps)")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    finite_v = [r["v"] for r in rows if math.isfinite(r["v"])]
-    if finite_v and max(finite_v) > 10.0:
-        axes[1].set_yscale("log")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100, format="png")
-    plt.close(fig)
-    return path
-
-
 def write_analysis(rows: Sequence[dict[str, Any]], settings: dict[str, Any], out: Path) -> Path:
     """Write analysis.json ({settings, rows}; non-finite numbers as null), analysis.md and analysis.png into out;
     returns out."""
     out.mkdir(parents=True, exist_ok=True)
-    data = {**settings, "rows": [{k: _jsonable(v) for k, v in r.items()} for r in rows]}
+    data = {**settings, "rows": [{k: jsonable(v) for k, v in r.items()} for r in rows]}
     (out / "analysis.json").write_text(json.dumps(data, indent=1))
     (out / "analysis.md").write_text(analysis_markdown(rows, settings))
     plot_analysis(rows, out / "analysis.png")
