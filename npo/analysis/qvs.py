@@ -28,6 +28,7 @@ a model folder) against the same anchors.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -47,6 +48,7 @@ from npo.runtime.models import ModelConfig, load_policy
 from npo.runtime.run_config import load_run_config
 from npo.runtime.runner import PolicyLike, TaskLike
 from npo.runtime.tasks import load_task
+from npo.runtime.verify import verify_groups
 
 
 @dataclass
@@ -138,20 +140,19 @@ def draw(
     seed: int,
     correct_threshold: float,
 ) -> Draw:
-    """Sample `samples` responses per problem, verify them (reward 0 when unfinished), score them teacher-forced."""
+    """Sample `samples` responses per problem, verify them (npo.runtime.verify: reward 0 when unfinished), score
+    them teacher-forced."""
     prompts = [policy.encode_prompt(p) for p in problems]
     generations = engine.generate(prompts, samples, params, seed=seed)
+    decode = functools.partial(policy.tokenizer.decode, skip_special_tokens=True)
+    groups = verify_groups(problems, generations, decode, reward, policy_step=-1)
     rows_prompt, rows_response, solved, correct = [], [], [], 0
-    for problem, prompt, group in zip(problems, prompts, generations, strict=True):
-        any_correct = False
-        for g in group:
-            text = policy.tokenizer.decode(g.token_ids, skip_special_tokens=True)
-            ok = g.finished and float(reward(problem, text)) >= correct_threshold
-            any_correct |= ok
-            correct += ok
-            rows_prompt.append(prompt)
-            rows_response.append(list(g.token_ids))
-        solved.append(any_correct)
+    for prompt, group in zip(prompts, groups, strict=True):
+        oks = [s.finished and s.reward >= correct_threshold for s in group]
+        correct += sum(oks)
+        solved.append(any(oks))
+        rows_prompt += [prompt] * len(group)
+        rows_response += [list(s.response_ids) for s in group]
     logprobs = engine.score(rows_prompt, rows_response, temperature=params.temperature)
     return Draw(rows_prompt, rows_response, logprobs, solved, correct / max(len(rows_response), 1))
 
