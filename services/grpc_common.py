@@ -7,6 +7,10 @@ Server side:
   NotImplementedError -> UNIMPLEMENTED, anything else -> INTERNAL with a one-line message (the traceback is logged
   here, on the server). Servicer methods therefore just raise.
 - `bind` listens on an address and returns the port; `add_health` registers grpc.health.v1 reporting SERVING.
+- `start_server` does all of that for one servicer and starts the server; `serve_forever` prints the line a launcher
+  waits for (`... serving on HOST:PORT ...`), serves until SIGTERM or Ctrl-C, then stops gracefully
+  (`wait_for_shutdown` is its wait, also used by the controller's HTTP server).
+- `abort_on` answers one exception type raised in a block with a chosen status (FAILED_PRECONDITION, DATA_LOSS).
 
 Client side:
 - `open_channel` makes a channel that gives every call a default deadline (`DefaultDeadline`) and whose gRPC
@@ -15,26 +19,30 @@ Client side:
 - `error_from_rpc` turns a failed call back into a builtin exception: INVALID_ARGUMENT -> ValueError (the server's
   message verbatim), NOT_FOUND -> LookupError, UNAVAILABLE -> ConnectionError, DEADLINE_EXCEEDED -> TimeoutError,
   UNIMPLEMENTED -> NotImplementedError, others -> RuntimeError.
-- `sample_to_message` / `sample_from_message` convert npo.core.types.Sample to and from npo.v1.Sample.
+- `ServiceClient` is the base of the service clients: channels to one address (or to several replicas), the
+  deadline, `_call` raising error_from_rpc's exceptions, `close` and the context manager.
+
+The Sample <-> npo.v1.Sample conversion lives in services.codec (no grpc there, so storage code can use it).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
-from collections.abc import Callable, Iterable, Sequence
+import signal
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import grpc
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.descriptor_pb2 import MethodOptions
+from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
-from npo.core.types import Sample
-from services.proto.npo.v1 import common_pb2
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +101,16 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.UNIMPLEMENTED, str(exc) or "not implemented"
     first_line = (str(exc).strip().splitlines() or [""])[0][:200]
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}: {first_line}); see the server log"
+
+
+@contextlib.contextmanager
+def abort_on(context: grpc.ServicerContext, error: type[Exception], code: grpc.StatusCode) -> Iterator[None]:
+    """Answer an `error` raised inside the block with status `code` and the exception's message (for the statuses
+    that `status_for` does not give, such as FAILED_PRECONDITION or DATA_LOSS)."""
+    try:
+        yield
+    except error as exc:
+        context.abort(code, str(exc))
 
 
 def _aborted(context: grpc.ServicerContext) -> bool:
@@ -210,6 +228,56 @@ def add_health(server: grpc.Server, service_names: Iterable[str]) -> health.Heal
     for name in ["", *service_names]:
         servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return servicer
+
+
+def start_server(
+    servicer: Any,
+    add_servicer: Callable[[Any, grpc.Server], None],
+    service_name: str,
+    address: str,
+    *,
+    max_workers: int = 8,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+) -> tuple[grpc.Server, int]:
+    """Serve `servicer` (registered with `add_servicer(servicer, server)`, e.g. a generated add_..._to_server) at
+    `address` (port 0: a free one), with grpc.health.v1 reporting SERVING for `service_name`. Returns the started
+    server and its port; stop it with `server.stop(grace)`."""
+    server = make_server(max_workers=max_workers, max_message_bytes=max_message_bytes)
+    add_servicer(servicer, server)
+    add_health(server, [service_name])
+    port = bind(server, address)
+    server.start()
+    return server, port
+
+
+def host_of(address: str) -> str:
+    """The host part of "host:port", as the `serving on HOST:PORT` lines print it."""
+    return address.rsplit(":", 1)[0]
+
+
+def wait_for_shutdown(ready_line: str) -> bool:
+    """Print `ready_line` (what a launcher waits for), then block until SIGTERM or Ctrl-C; True for SIGTERM.
+
+    Call it from the main thread (it installs a SIGTERM handler, removed again before returning)."""
+    terminated = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: terminated.set())
+    try:
+        print(ready_line, flush=True)
+        terminated.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return terminated.is_set()
+
+
+def serve_forever(
+    server: grpc.Server, ready_line: str, *, grace_s: float = 5.0, interrupt_grace_s: float = 1.0
+) -> None:
+    """Print `ready_line`, serve until SIGTERM (then stop with `grace_s` seconds for the calls in flight) or Ctrl-C
+    (`interrupt_grace_s`), and return once the server stopped."""
+    terminated = wait_for_shutdown(ready_line)
+    server.stop(grace=grace_s if terminated else interrupt_grace_s).wait()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -341,37 +409,86 @@ def error_from_rpc(error: grpc.RpcError, *, method: str, target: str, timeout_s:
     return RuntimeError(f"{method} to {target} failed with {code.name}: {details}")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Conversions of common.proto messages.
+class ServiceClient:
+    """Base of a client of one npo.v1 service at `target` ("host:port"), or, for a class with `replicated` set, at
+    one or several replicas (`target` a "host:port" or a list of them).
+
+    Every call has a deadline of `timeout_s` (the class's `default_timeout_s` when None); the methods the .proto
+    marks idempotent are retried on UNAVAILABLE with `retry`; `credentials` make the channels TLS. A subclass names
+    its `service` (descriptor) and `stub_class`, and calls `_call`; error messages name a method as
+    "Rollout.Generate" (the service's name without "Service"). Use it as a context manager or `close` it.
+    """
+
+    service: ClassVar[ServiceDescriptor]
+    """The service called."""
+    stub_class: ClassVar[Callable[[grpc.Channel], Any]]
+    """Its generated stub class."""
+    default_timeout_s: ClassVar[float] = DEFAULT_TIMEOUT_S
+    """Deadline of a call when the constructor gets no timeout_s."""
+    replicated: ClassVar[bool] = False
+    """True: the target may be a list of replicas, called in parallel through `_pool`."""
+
+    def __init__(
+        self,
+        target: str | Sequence[str],
+        *,
+        timeout_s: float | None = None,
+        retry: RetryPolicy = DEFAULT_RETRY,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        self.addresses = replica_addresses(target) if self.replicated else [target]
+        self.address = self.addresses[0]
+        self.timeout_s = self.default_timeout_s if timeout_s is None else timeout_s
+        options = {"retry": retry, "max_message_bytes": max_message_bytes, "credentials": credentials}
+        self._channels = [open_channel(a, [self.service], timeout_s=self.timeout_s, **options) for a in self.addresses]
+        self._stubs = [self.stub_class(channel) for channel in self._channels]
+        self._pool: futures.ThreadPoolExecutor | None = None
+        if self.replicated:
+            name = f"{self.label().lower()}-client"
+            self._pool = futures.ThreadPoolExecutor(max_workers=len(self.addresses), thread_name_prefix=name)
+
+    def _call(self, method: str, request: Message, replica: int = 0) -> Any:
+        """Send `request` to `method` (of replica `replica`) with the deadline; a failure becomes `_error`'s
+        exception."""
+        try:
+            return getattr(self._stubs[replica], method)(request, timeout=self.timeout_s)
+        except grpc.RpcError as error:
+            raise self._error(error, method, self.addresses[replica]) from None
+
+    def _error(self, error: grpc.RpcError, method: str, target: str) -> Exception:
+        """The exception a failed call raises (error_from_rpc); a subclass may map more status codes."""
+        return error_from_rpc(error, method=f"{self.label()}.{method}", target=target, timeout_s=self.timeout_s)
+
+    @classmethod
+    def label(cls) -> str:
+        """The service's short name in messages ("Rollout" for npo.v1.RolloutService)."""
+        return cls.service.name.removesuffix("Service")
+
+    def __repr__(self) -> str:
+        target = self.addresses if self.replicated else self.address
+        return f"{type(self).__name__}({target!r}, timeout_s={self.timeout_s})"
+
+    def close(self) -> None:
+        """Close the channels; the client is unusable afterwards."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        for channel in self._channels:
+            channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
-def sample_to_message(sample: Sample) -> common_pb2.Sample:
-    """npo.core.types.Sample -> npo.v1.Sample (floats travel as doubles, so they come back bit-exact)."""
-    return common_pb2.Sample(
-        prompt_id=sample.prompt_id,
-        response_ids=sample.response_ids,
-        logprobs=sample.logprobs,
-        reward=sample.reward,
-        text=sample.text,
-        policy_step=sample.policy_step,
-        finished=sample.finished,
-    )
-
-
-def sample_from_message(message: common_pb2.Sample, name: str = "sample") -> Sample:
-    """npo.v1.Sample -> npo.core.types.Sample; raises ValueError naming `name` when logprobs and response_ids differ in
-    length."""
-    if len(message.logprobs) != len(message.response_ids):
-        raise ValueError(
-            f"{name}.logprobs: expected one log-prob per response token ({len(message.response_ids)}), "
-            f"got {len(message.logprobs)}"
-        )
-    return Sample(
-        message.prompt_id,
-        message.response_ids[:],  # a slice is a new list, built ~1.5x faster than list(...) iterates one
-        message.logprobs[:],
-        message.reward,
-        message.text,
-        message.policy_step,
-        message.finished,
-    )
+def replica_addresses(addresses: str | Sequence[str]) -> list[str]:
+    """The replica addresses of a client, as a list: one host:port, or a non-empty list of distinct ones; else
+    ValueError naming `addresses`."""
+    listed = [addresses] if isinstance(addresses, str) else list(addresses)
+    if not listed or not all(isinstance(a, str) and a for a in listed):
+        raise ValueError(f"addresses: expected host:port or a non-empty list of them, got {addresses!r}")
+    if len(set(listed)) != len(listed):
+        raise ValueError(f"addresses: listed twice: {sorted({a for a in listed if listed.count(a) > 1})}")
+    return listed

@@ -20,12 +20,13 @@ from npo.runtime.checkpoint import CheckpointManager
 from npo.runtime.engine import Generation, SamplingParams, TransformersEngine
 from npo.runtime.models import ModelConfig, load_policy
 from npo.runtime.tasks import COMPACT_ALPHABET, TaskConfig, load_task
+from npo.runtime.verify import verified_sample
 from services.grpc_common import RetryPolicy, open_channel
 from services.proto.npo.v1 import common_pb2
 from services.proto.npo.v1 import rollout_pb2 as pb
 from services.proto.npo.v1 import rollout_pb2_grpc as pb_grpc
 from services.rollout.client import RolloutClient, chunk_seed, split_contiguous
-from services.rollout.server import SERVICE_NAME, main, serve, verified_sample
+from services.rollout.server import SERVICE_NAME, main, serve
 
 REPO = Path(__file__).resolve().parents[1]
 FAST_RETRY = RetryPolicy(max_attempts=2, initial_backoff_s=0.05, max_backoff_s=0.1)

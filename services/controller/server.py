@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import signal
 import sys
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -61,6 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from services.controller.api import create_app, load_token, serve_api
         from services.controller.engine import Controller
         from services.controller.records import InterventionRecords
+        from services.grpc_common import wait_for_shutdown
         from services.guidance_cache.client import GuidanceCacheClient
         from services.learner.client import LearnerClient
         from services.rollout.client import RolloutClient
@@ -93,15 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             app = create_app(controller, token, read_auth=args.read_auth)
             server, thread, bound = serve_api(app, host or "127.0.0.1", int(port))
             controller.start()
-            stopped = threading.Event()
-            signal.signal(signal.SIGTERM, lambda signum, frame: stopped.set())
-            print(f"controller: serving on {host or '127.0.0.1'}:{bound} (run {run}, metrics: "
-                  f"{controller.source.describe()}, AutoNPO {'on' if controller.autonpo_enabled else 'off'})",
-                  flush=True)  # fmt: skip
-            try:
-                stopped.wait()
-            except KeyboardInterrupt:
-                pass
+            autonpo = "on" if controller.autonpo_enabled else "off"
+            detail = f"run {run}, metrics: {controller.source.describe()}, AutoNPO {autonpo}"
+            wait_for_shutdown(f"controller: serving on {host or '127.0.0.1'}:{bound} ({detail})")
             controller.stop()
             server.should_exit = True
             thread.join(10)

@@ -17,19 +17,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import grpc
-from google.protobuf.message import Message
-
 from npo.core.types import Sample
-from services.grpc_common import (
-    DEFAULT_MAX_MESSAGE_BYTES,
-    DEFAULT_RETRY,
-    RetryPolicy,
-    error_from_rpc,
-    open_channel,
-    sample_from_message,
-    sample_to_message,
-)
+from services.codec import sample_from_message, sample_to_message
+from services.grpc_common import ServiceClient
 from services.proto.npo.v1 import guidance_cache_pb2 as pb
 from services.proto.npo.v1 import guidance_cache_pb2_grpc as pb_grpc
 
@@ -59,9 +49,9 @@ def wire_prompt_ids(name: str, prompt_ids: Sequence[str]) -> list[str]:
     """`prompt_ids` as a list of str (the server rejects empty ones), else ValueError naming `name` or `name[i]`."""
     if isinstance(prompt_ids, (str, bytes)) or not isinstance(prompt_ids, Sequence):
         raise ValueError(f"{name}: expected a sequence of prompt ids, got {type(prompt_ids).__name__}")
-    for i, prompt_id in enumerate(prompt_ids):
-        if not isinstance(prompt_id, str):
-            raise ValueError(f"{name}[{i}]: expected a non-empty prompt id, got {prompt_id!r}")
+    bad = next((i for i, prompt_id in enumerate(prompt_ids) if not isinstance(prompt_id, str)), None)
+    if bad is not None:
+        raise ValueError(f"{name}[{bad}]: expected a non-empty prompt id, got {prompt_ids[bad]!r}")
     return list(prompt_ids)
 
 
@@ -104,39 +94,14 @@ def stats_from_reply(reply: pb.StatsResponse) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class GuidanceCacheClient:
-    """A GuideStore whose guides and mistake pool live in a GuidanceCacheService at `address` ("host:port")."""
+class GuidanceCacheClient(ServiceClient):
+    """A GuideStore whose guides and mistake pool live in a GuidanceCacheService at `address` ("host:port").
+    Keyword arguments: timeout_s (default DEFAULT_TIMEOUT_S), retry, max_message_bytes, credentials
+    (services.grpc_common.ServiceClient)."""
 
-    def __init__(
-        self,
-        address: str,
-        *,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-        retry: RetryPolicy = DEFAULT_RETRY,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        credentials: grpc.ChannelCredentials | None = None,
-    ) -> None:
-        service = pb.DESCRIPTOR.services_by_name["GuidanceCacheService"]
-        self.address = address
-        self.timeout_s = timeout_s
-        self._channel = open_channel(
-            address,
-            [service],
-            timeout_s=timeout_s,
-            retry=retry,
-            max_message_bytes=max_message_bytes,
-            credentials=credentials,
-        )
-        self._stub = pb_grpc.GuidanceCacheServiceStub(self._channel)
-
-    def _call(self, method: str, request: Message) -> Any:
-        """Send `request` to `method` with the deadline; a failure becomes a builtin exception (error_from_rpc)."""
-        try:
-            return getattr(self._stub, method)(request, timeout=self.timeout_s)
-        except grpc.RpcError as error:
-            raise error_from_rpc(
-                error, method=f"GuidanceCache.{method}", target=self.address, timeout_s=self.timeout_s
-            ) from None
+    service = pb.DESCRIPTOR.services_by_name["GuidanceCacheService"]
+    stub_class = pb_grpc.GuidanceCacheServiceStub
+    default_timeout_s = DEFAULT_TIMEOUT_S
 
     # -- guides ----------------------------------------------------------------------------------------------------
 
@@ -193,16 +158,3 @@ class GuidanceCacheClient:
     def clear_run(self, run: str) -> None:
         """See npo.runtime.store.GuideStore.clear_run."""
         self._call("ClearRun", pb.ClearRunRequest(run=wire_run(run)))
-
-    def close(self) -> None:
-        """Close the channel; the client is unusable afterwards."""
-        self._channel.close()
-
-    def __enter__(self) -> GuidanceCacheClient:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"GuidanceCacheClient({self.address!r}, timeout_s={self.timeout_s})"

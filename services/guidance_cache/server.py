@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import logging
 import os
-import signal
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -27,14 +26,8 @@ from google.protobuf.message import Message
 
 from npo.core.types import Sample
 from npo.runtime.store import GuideStore
-from services.grpc_common import (
-    DEFAULT_MAX_MESSAGE_BYTES,
-    add_health,
-    bind,
-    make_server,
-    sample_from_message,
-    sample_to_message,
-)
+from services.codec import sample_from_message, sample_to_message
+from services.grpc_common import DEFAULT_MAX_MESSAGE_BYTES, host_of, serve_forever, start_server
 from services.proto.npo.v1 import guidance_cache_pb2 as pb
 from services.proto.npo.v1 import guidance_cache_pb2_grpc as pb_grpc
 
@@ -179,12 +172,10 @@ def serve(
 ) -> tuple[grpc.Server, int]:
     """Start GuidanceCacheService on `store` at `address` (port 0: a free one), with grpc.health.v1 reporting
     SERVING. Returns the started server and its port; stop it with `server.stop(grace)` (the store stays open)."""
-    server = make_server(max_workers=max_workers, max_message_bytes=max_message_bytes)
-    add_servicer(GuidanceCacheServicer(store, keep_guide_steps=keep_guide_steps), server)
-    add_health(server, [SERVICE_NAME])
-    port = bind(server, address)
-    server.start()
-    return server, port
+    servicer = GuidanceCacheServicer(store, keep_guide_steps=keep_guide_steps)
+    return start_server(
+        servicer, add_servicer, SERVICE_NAME, address, max_workers=max_workers, max_message_bytes=max_message_bytes
+    )
 
 
 @contextlib.contextmanager
@@ -246,13 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 max_workers=args.workers,
                 max_message_bytes=args.max_message_mb * 2**20,
             )
-            signal.signal(signal.SIGTERM, lambda signum, frame: server.stop(grace=5.0))
-            host = args.address.rsplit(":", 1)[0]
-            print(f"guidance cache: serving on {host}:{port} (Redis: {where})", flush=True)
-            try:
-                server.wait_for_termination()
-            except KeyboardInterrupt:
-                server.stop(grace=1.0).wait()
+            serve_forever(server, f"guidance cache: serving on {host_of(args.address)}:{port} (Redis: {where})")
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

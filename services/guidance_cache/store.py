@@ -35,11 +35,20 @@ from npo.runtime.store import (
     check_step,
     sample_from_json,
 )
-from services.grpc_common import sample_from_message, sample_to_message
+from services.codec import sample_from_message, sample_to_message
 from services.proto.npo.v1 import common_pb2
 
 JSON_MARK = b"{"
 """First byte of a value in the older JSON form (a serialized Sample starts with its field-1 tag, 0x0a)."""
+
+
+def check_step_range(lo: int, hi: int) -> None:
+    """The steps [lo, hi) of get_mistakes: both >= 0 and lo <= hi, else ValueError naming the bad one (the checks of
+    npo.runtime.store.MemoryGuideStore.get_mistakes)."""
+    check_step("lo", lo)
+    check_step("hi", hi)
+    if lo > hi:
+        raise ValueError(f"lo: must be <= hi, got lo={lo}, hi={hi}")
 
 
 def encode_guide(sample: Sample) -> bytes:
@@ -232,10 +241,7 @@ class RedisGuideStore:
     def get_mistakes(self, run: str, lo: int, hi: int) -> dict[str, int]:
         """See npo.runtime.store.GuideStore.get_mistakes (one ZRANGEBYSCORE lo (hi)."""
         check_run(run)
-        check_step("lo", lo)
-        check_step("hi", hi)
-        if lo > hi:
-            raise ValueError(f"lo: must be <= hi, got lo={lo}, hi={hi}")
+        check_step_range(lo, hi)
         if lo == hi:
             return {}
         with self._errors():

@@ -16,18 +16,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import grpc
-from google.protobuf.message import Message
 
-from services.grpc_common import (
-    DEFAULT_MAX_MESSAGE_BYTES,
-    DEFAULT_RETRY,
-    RetryPolicy,
-    error_from_rpc,
-    open_channel,
-)
+from services.grpc_common import ServiceClient
 from services.proto.npo.v1 import common_pb2
 from services.proto.npo.v1 import learner_pb2 as pb
 from services.proto.npo.v1 import learner_pb2_grpc as pb_grpc
@@ -151,42 +143,19 @@ def segment_request(
     return request
 
 
-class LearnerClient:
-    """Calls the LearnerService at `address` ("host:port")."""
+class LearnerClient(ServiceClient):
+    """Calls the LearnerService at `address` ("host:port"). Keyword arguments: timeout_s (default DEFAULT_TIMEOUT_S),
+    retry, max_message_bytes, credentials (services.grpc_common.ServiceClient)."""
 
-    def __init__(
-        self,
-        address: str,
-        *,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-        retry: RetryPolicy = DEFAULT_RETRY,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        credentials: grpc.ChannelCredentials | None = None,
-    ) -> None:
-        service = pb.DESCRIPTOR.services_by_name["LearnerService"]
-        self.address = address
-        self.timeout_s = timeout_s
-        self._channel = open_channel(
-            address,
-            [service],
-            timeout_s=timeout_s,
-            retry=retry,
-            max_message_bytes=max_message_bytes,
-            credentials=credentials,
-        )
-        self._stub = pb_grpc.LearnerServiceStub(self._channel)
+    service = pb.DESCRIPTOR.services_by_name["LearnerService"]
+    stub_class = pb_grpc.LearnerServiceStub
+    default_timeout_s = DEFAULT_TIMEOUT_S
 
-    def _call(self, method: str, request: Message) -> Any:
-        """Send `request` to `method` with the deadline; FAILED_PRECONDITION -> LearnerBusyError, other failures ->
-        error_from_rpc."""
-        try:
-            return getattr(self._stub, method)(request, timeout=self.timeout_s)
-        except grpc.RpcError as error:
-            if isinstance(error, grpc.Call) and error.code() is grpc.StatusCode.FAILED_PRECONDITION:
-                raise LearnerBusyError(error.details()) from None
-            raise error_from_rpc(
-                error, method=f"Learner.{method}", target=self.address, timeout_s=self.timeout_s
-            ) from None
+    def _error(self, error: grpc.RpcError, method: str, target: str) -> Exception:
+        """FAILED_PRECONDITION -> LearnerBusyError with the server's message; other failures -> error_from_rpc."""
+        if isinstance(error, grpc.Call) and error.code() is grpc.StatusCode.FAILED_PRECONDITION:
+            return LearnerBusyError(error.details())
+        return super()._error(error, method, target)
 
     def run_segment(
         self,
@@ -246,16 +215,3 @@ class LearnerClient:
         if status.segment_id == segment_id and status.state == "failed":
             raise RuntimeError(f"segment {segment_id} failed: {status.error}")
         return status
-
-    def close(self) -> None:
-        """Close the channel; the client is unusable afterwards."""
-        self._channel.close()
-
-    def __enter__(self) -> LearnerClient:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"LearnerClient({self.address!r}, timeout_s={self.timeout_s})"

@@ -48,21 +48,19 @@ class LearnerMetrics:
         self._guide_slots = Counter(
             "npo_guide_slots", "Group slots filled by a guide trajectory", ["run"], registry=self.registry
         )
-        self._step_seconds = Histogram(
-            "npo_step_seconds",
-            "Wall time of one training step (generation + learning)",
-            ["run"],
-            buckets=STEP_SECONDS_BUCKETS,
-            registry=self.registry,
+        self._step_seconds = self._histogram(
+            "npo_step_seconds", "Wall time of one training step (generation + learning)", STEP_SECONDS_BUCKETS
         )
-        self._sync_seconds = Histogram(
+        self._sync_seconds = self._histogram(
             "npo_weight_sync_seconds",
             "Time to publish the learner's weights to the rollout engines",
-            ["run"],
-            buckets=SYNC_SECONDS_BUCKETS,
-            registry=self.registry,
+            SYNC_SECONDS_BUCKETS,
         )
         self._server = None
+
+    def _histogram(self, name: str, documentation: str, buckets: tuple[float, ...]) -> Histogram:
+        """A histogram labelled by run, in this registry."""
+        return Histogram(name, documentation, ["run"], buckets=buckets, registry=self.registry)
 
     def observe(self, row: Mapping[str, Any]) -> None:
         """Record one metrics row of the runner; keys that are absent or not finite are skipped."""

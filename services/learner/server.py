@@ -17,10 +17,9 @@ import argparse
 import contextlib
 import hashlib
 import logging
-import signal
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ import grpc
 
 from npo.core.config import ConfigError
 from npo.runtime.runner import Interrupted, Runner, Segment
-from services.grpc_common import DEFAULT_MAX_MESSAGE_BYTES, add_health, bind, make_server
+from services.grpc_common import DEFAULT_MAX_MESSAGE_BYTES, abort_on, host_of, serve_forever, start_server
 from services.proto.npo.v1 import common_pb2
 from services.proto.npo.v1 import learner_pb2 as pb
 from services.proto.npo.v1 import learner_pb2_grpc as pb_grpc
@@ -273,13 +272,9 @@ def status_reply(control: LearnerControl) -> pb.StatusResponse:
     return reply
 
 
-@contextlib.contextmanager
-def precondition(context: grpc.ServicerContext) -> Iterator[None]:
-    """Answer LearnerBusy with FAILED_PRECONDITION and its message."""
-    try:
-        yield
-    except LearnerBusy as exc:
-        context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+def precondition(context: grpc.ServicerContext) -> contextlib.AbstractContextManager[None]:
+    """Answer LearnerBusy raised inside the block with FAILED_PRECONDITION and its message."""
+    return abort_on(context, LearnerBusy, grpc.StatusCode.FAILED_PRECONDITION)
 
 
 def _remaining(context: grpc.ServicerContext) -> float | None:
@@ -338,12 +333,11 @@ def serve(
 ) -> tuple[grpc.Server, int]:
     """Start LearnerService on `runner` at `address` (port 0: a free one), with grpc.health.v1 reporting SERVING.
     Returns the started server and its port; stop it with `server.stop(grace)` (pause a running segment first)."""
-    server = make_server(max_workers=max_workers, max_message_bytes=max_message_bytes)
-    pb_grpc.add_LearnerServiceServicer_to_server(LearnerServicer(LearnerControl(runner)), server)
-    add_health(server, [SERVICE_NAME])
-    port = bind(server, address)
-    server.start()
-    return server, port
+    servicer = LearnerServicer(LearnerControl(runner))
+    add = pb_grpc.add_LearnerServiceServicer_to_server
+    return start_server(
+        servicer, add, SERVICE_NAME, address, max_workers=max_workers, max_message_bytes=max_message_bytes
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -446,15 +440,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             server, port = serve(
                 runner, args.address, max_workers=args.workers, max_message_bytes=args.max_message_mb * 2**20
             )
-            signal.signal(signal.SIGTERM, lambda signum, frame: server.stop(grace=5.0))
-            host = args.address.rsplit(":", 1)[0]
             if metrics is not None:
                 print(f"learner: metrics on http://{args.metrics_address}:{metrics_port}/metrics", flush=True)
-            print(f"learner: serving on {host}:{port} (run folder {runner.out})", flush=True)
-            try:
-                server.wait_for_termination()
-            except KeyboardInterrupt:
-                server.stop(grace=1.0).wait()
+            serve_forever(server, f"learner: serving on {host_of(args.address)}:{port} (run folder {runner.out})")
             if not cfg.cache.url and not args.cache:
                 roles["store"].clear_run(runner.run)
     except (ConfigError, ValueError, OSError) as exc:

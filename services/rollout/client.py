@@ -25,25 +25,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from concurrent import futures
 from dataclasses import dataclass
-from typing import Any
 
-import grpc
 import torch
-from google.protobuf.message import Message
 
 from npo.core.seeds import derive_seed
 from npo.core.types import Sample
 from npo.runtime.engine import Generation, SamplingParams
-from services.grpc_common import (
-    DEFAULT_MAX_MESSAGE_BYTES,
-    DEFAULT_RETRY,
-    RetryPolicy,
-    error_from_rpc,
-    open_channel,
-    sample_from_message,
-)
+from services.codec import sample_from_message
+from services.grpc_common import ServiceClient
 from services.proto.npo.v1 import common_pb2
 from services.proto.npo.v1 import rollout_pb2 as pb
 from services.proto.npo.v1 import rollout_pb2_grpc as pb_grpc
@@ -152,50 +142,17 @@ def generation_from_sample(sample: Sample) -> Generation:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class RolloutClient:
+class RolloutClient(ServiceClient):
     """npo.runtime.engine.RolloutEngine whose policy lives in the RolloutService replicas at `addresses`
-    ("host:port", or a list of them); see the module docstring for how a call is spread across replicas."""
+    ("host:port", or a list of them); see the module docstring for how a call is spread across replicas.
 
-    def __init__(
-        self,
-        addresses: str | Sequence[str],
-        *,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-        retry: RetryPolicy = DEFAULT_RETRY,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        credentials: grpc.ChannelCredentials | None = None,
-    ) -> None:
-        self.addresses = [addresses] if isinstance(addresses, str) else list(addresses)
-        if not self.addresses or not all(isinstance(a, str) and a for a in self.addresses):
-            raise ValueError(f"addresses: expected host:port or a non-empty list of them, got {addresses!r}")
-        if len(set(self.addresses)) != len(self.addresses):
-            raise ValueError(
-                f"addresses: listed twice: {sorted({a for a in self.addresses if self.addresses.count(a) > 1})}"
-            )
-        self.timeout_s = timeout_s
-        service = pb.DESCRIPTOR.services_by_name["RolloutService"]
-        self._channels = [
-            open_channel(
-                address,
-                [service],
-                timeout_s=timeout_s,
-                retry=retry,
-                max_message_bytes=max_message_bytes,
-                credentials=credentials,
-            )
-            for address in self.addresses
-        ]
-        self._stubs = [pb_grpc.RolloutServiceStub(channel) for channel in self._channels]
-        self._pool = futures.ThreadPoolExecutor(max_workers=len(self.addresses), thread_name_prefix="rollout-client")
+    Keyword arguments: timeout_s (default DEFAULT_TIMEOUT_S), retry, max_message_bytes, credentials
+    (services.grpc_common.ServiceClient)."""
 
-    def _call(self, replica: int, method: str, request: Message) -> Any:
-        """Send `request` to `method` of replica `replica`; a failure becomes a builtin exception."""
-        try:
-            return getattr(self._stubs[replica], method)(request, timeout=self.timeout_s)
-        except grpc.RpcError as error:
-            raise error_from_rpc(
-                error, method=f"Rollout.{method}", target=self.addresses[replica], timeout_s=self.timeout_s
-            ) from None
+    service = pb.DESCRIPTOR.services_by_name["RolloutService"]
+    stub_class = pb_grpc.RolloutServiceStub
+    default_timeout_s = DEFAULT_TIMEOUT_S
+    replicated = True
 
     def _spread(self, count: int, call: Callable[[int, range, int], list]) -> list:
         """call(replica, rows, chunks) for each contiguous chunk of range(count), in parallel; results concatenated
@@ -245,7 +202,7 @@ class RolloutClient:
                 sampling=wire_sampling(params, chunk_seed(seed, replica, chunks)),
                 expected_policy_step=expected,
             )
-            reply = self._call(replica, "Generate", request)
+            reply = self._call("Generate", request, replica)
             if len(reply.samples) != len(rows) * n:
                 raise RuntimeError(
                     f"Rollout.Generate to {self.addresses[replica]}: expected {len(rows) * n} samples, "
@@ -296,7 +253,7 @@ class RolloutClient:
             request = pb.ScoreRequest(
                 checkpoint=info, sequences=sequences[rows.start : rows.stop], temperature=float(temperature)
             )
-            reply = self._call(replica, "Score", request)
+            reply = self._call("Score", request, replica)
             if len(reply.sequences) != len(rows):
                 raise RuntimeError(
                     f"Rollout.Score to {self.addresses[replica]}: expected {len(rows)} sequences, "
@@ -319,7 +276,7 @@ class RolloutClient:
         )
 
         def call(replica: int) -> LoadedPolicy:
-            reply = self._call(replica, "LoadPolicy", pb.LoadPolicyRequest(checkpoint=info))
+            reply = self._call("LoadPolicy", pb.LoadPolicyRequest(checkpoint=info), replica)
             loaded = reply.loaded
             return LoadedPolicy(self.addresses[replica], loaded.step, loaded.path, loaded.version, reply.load_seconds)
 
@@ -329,18 +286,3 @@ class RolloutClient:
     def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Not over gRPC: weights travel as checkpoint folders on shared storage; use load_policy(folder)."""
         raise NotImplementedError("RolloutClient.load_state_dict: save the weights to a folder and call load_policy")
-
-    def close(self) -> None:
-        """Close the channels; the client is unusable afterwards."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        for channel in self._channels:
-            channel.close()
-
-    def __enter__(self) -> RolloutClient:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"RolloutClient({self.addresses!r}, timeout_s={self.timeout_s})"

@@ -21,6 +21,8 @@ follow TransformersEngine's definitions:
 
 This module imports vllm only when a VLLMEngine is built, so it imports (and `rollout_tokens_per_second` runs the
 transformers engine) in an environment without vllm. The vllm environment is made by scripts/setup_vllm_venv.sh.
+It holds the engine only: services/rollout/servicer.py has its gRPC servicer (VLLMRolloutServicer), and
+`python -m services.rollout --engine vllm` serves it.
 """
 
 from __future__ import annotations
@@ -32,21 +34,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import grpc
 import numpy as np
 import torch
 
 from npo.runtime.engine import Generation, RolloutEngine, SamplingParams
-from services.grpc_common import DEFAULT_MAX_MESSAGE_BYTES, add_health, bind, make_server
-from services.proto.npo.v1 import rollout_pb2 as pb
-from services.proto.npo.v1 import rollout_pb2_grpc as pb_grpc
-from services.rollout.server import (
-    SERVICE_NAME,
-    RolloutServicer,
-    checkpoint_info,
-    corrupted_checkpoint_is_data_loss,
-    resolve_folder,
-)
 
 DEFAULT_KV_CACHE_GIB = 1
 """KV cache of the CPU backend in GiB (VLLM_CPU_KVCACHE_SPACE) when the environment does not set it."""
@@ -65,6 +56,13 @@ def row_seeds(seed: int, count: int) -> list[int]:
         return []
     state = np.random.SeedSequence(seed % 2**64).generate_state(count, dtype=np.uint64)
     return [int(value) >> 1 for value in state]
+
+
+def check_prompts(prompts: Sequence[Sequence[int]]) -> None:
+    """ValueError naming the first empty prompt (a prompt needs at least one token)."""
+    empty = next((i for i, prompt in enumerate(prompts) if len(prompt) == 0), None)
+    if empty is not None:
+        raise ValueError(f"prompts: prompt {empty} is empty (needs at least one token)")
 
 
 def log_softmax_at(logprobs: dict[int, float], token: int, temperature: float) -> float:
@@ -134,9 +132,7 @@ class VLLMEngine:
 
         if n < 1:
             raise ValueError(f"n: must be >= 1, got {n}")
-        for i, prompt in enumerate(prompts):
-            if len(prompt) == 0:
-                raise ValueError(f"prompts: prompt {i} is empty (needs at least one token)")
+        check_prompts(prompts)
         params.validate()
         rows = [prompt for prompt in prompts for _ in range(n)]
         if not rows:
@@ -181,9 +177,7 @@ class VLLMEngine:
             raise ValueError(f"responses: expected one per prompt ({len(prompts)}), got {len(responses)}")
         if not temperature > 0.0:
             raise ValueError(f"temperature: must be > 0 for log-probs, got {temperature}")
-        for i, prompt in enumerate(prompts):
-            if len(prompt) == 0:
-                raise ValueError(f"prompts: prompt {i} is empty (needs at least one token)")
+        check_prompts(prompts)
         rows = [i for i, response in enumerate(responses) if response]
         out: list[list[float]] = [[] for _ in prompts]
         if not rows:
@@ -230,46 +224,6 @@ def retie_lm_head(model: torch.nn.Module) -> None:
         raise ValueError(f"model: {type(model).__name__} has no lm_head / model.embed_tokens to tie again")
     lm_head.weight = embed.weight
     lm_head.quant_method.process_weights_after_loading(lm_head)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The gRPC service over a VLLMEngine.
-
-
-class VLLMRolloutServicer(RolloutServicer):
-    """RolloutServicer whose LoadPolicy reloads the VLLMEngine's weights in place (the base class only loads into a
-    TransformersEngine's torch model). Score under a checkpoint other than the loaded one stays UNIMPLEMENTED:
-    vLLM holds one policy."""
-
-    def LoadPolicy(self, request: pb.LoadPolicyRequest, context: grpc.ServicerContext) -> pb.LoadPolicyResponse:
-        if not request.HasField("checkpoint"):
-            raise ValueError("checkpoint: required (the folder of the weights to load)")
-        folder = resolve_folder(request.checkpoint)
-        with self._lock, corrupted_checkpoint_is_data_loss(context):
-            # The engine has load_state_dict(state_dict, strict) like a torch module: npo.runtime.learner.load_weights
-            # reads model.safetensors into it.
-            seconds = self._load(self.engine, folder)
-        return pb.LoadPolicyResponse(loaded=checkpoint_info(folder), load_seconds=seconds)
-
-
-def serve_vllm(
-    engine: VLLMEngine,
-    tokenizer,
-    task,
-    address: str = "127.0.0.1:0",
-    *,
-    policy_step: int = 0,
-    max_workers: int = 4,
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-) -> tuple[grpc.Server, int]:
-    """services.rollout.server.serve with a VLLMRolloutServicer: returns the started server and its port."""
-    servicer = VLLMRolloutServicer(engine, tokenizer, task, policy_step=policy_step)
-    server = make_server(max_workers=max_workers, max_message_bytes=max_message_bytes)
-    pb_grpc.add_RolloutServiceServicer_to_server(servicer, server)
-    add_health(server, [SERVICE_NAME])
-    port = bind(server, address)
-    server.start()
-    return server, port
 
 
 # ----------------------------------------------------------------------------------------------------------------
