@@ -77,7 +77,8 @@ def bench_get_guides(work: Path, prompts: int = 256, calls: int = 300, tokens: i
     from services.guidance_cache.client import GuidanceCacheClient
     from services.guidance_cache.embedded import EmbeddedRedis
     from services.guidance_cache.store import RedisGuideStore
-    from services.ops.launcher import Started, spawn, stop, wait_serving
+    from services.ops.launcher import spawn, stop, wait_serving
+    from services.ops.state import Started
 
     guides = [
         Sample(f"p{i:05d}", list(range(4, 4 + tokens)), [-0.25] * tokens, 1.0, "x" * tokens, 40, True)
@@ -122,7 +123,8 @@ def bench_vllm(config: str, overrides: list[str], vllm_python: Path, work: Path)
     64 prompts x 8 samples x 16 new tokens (no EOS stop), same client; best of 3 after a warm-up."""
     from npo.runtime.engine import SamplingParams
     from npo.runtime.run_config import load_run_config
-    from services.ops.launcher import Started, spawn, stop, wait_serving
+    from services.ops.launcher import spawn, stop, wait_serving
+    from services.ops.state import Started
     from services.rollout.client import RolloutClient
     from services.rollout.vllm_engine import rollout_tokens_per_second
     from services.wiring import build_policy_and_task

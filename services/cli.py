@@ -1,4 +1,4 @@
-"""The `npo` command: wires the method (npo/) to its engines and runs it.
+"""The `npo` command: its argument parser and a table of handlers, one per command.
 
     npo train   --config FILE [--set key=value ...] [--out DIR] [--resume DIR]
     npo train   --connect DIR|HOST:PORT               drive the run of services started by `npo up`
@@ -14,8 +14,10 @@
     npo config  [--config FILE]                     every option with its default and documentation
     npo experiment FILE [--background|--report-only] a grid of arms x seeds, Q/V/S analysis, a results report
 
-Embedded default: every role runs in this process; the guidance cache is a real Redis-protocol server started
-here (cache.url empty) and stopped on exit. This module is the composition root, so it may import services.
+Embedded default: every role runs in this process (services/ops/embedded.py). What a command does lives in
+services/ops (operating a run) and npo.analysis (reports); a handler here only passes the arguments on and prints.
+Errors a user can act on are one line on stderr with the exit code 2 (config), 1 (a service, a connection) or 130
+(interrupted). Nothing imports this module.
 """
 
 from __future__ import annotations
@@ -23,212 +25,69 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from npo.core.config import ConfigError
-from services.wiring import build_learner, build_policy_and_task, open_store
+
+SERVICE_COMMANDS = ("up", "down", "restart", "status", "intervene", "autonpo")
+"""Commands whose RuntimeError (a service that failed to start, a failed or refused segment) is one line."""
+TARGET_HELP = "the folder of `npo up` or the controller's http://host:port (default: runs/svc)"
 
 
-def train(
-    config: str | None,
-    overrides: list[str],
-    out: str | None,
-    resume: str | None,
-    progress: bool = True,
-    metrics_port: int | None = None,
-    metrics_address: str = "127.0.0.1",
-) -> Path:
-    from npo.runtime.run_config import load_run_config
-    from npo.runtime.runner import Runner
-
-    if resume:
-        run_dir = Path(resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"--resume: {run_dir} has no config.yaml (is it a run folder?)")
-        cfg = load_run_config(config or run_dir / "config.yaml", overrides)
-    else:
-        cfg = load_run_config(config, overrides)
-        run_dir = Path(out or f"runs/{cfg.method.value}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
-    started = time.perf_counter()
-    policy, task = build_policy_and_task(cfg)
-    with open_store(cfg.cache.url, cfg.cache.prefix) as store:
-        learner = build_learner(cfg, policy)
-        runner = Runner(cfg, run_dir, policy=policy, task=task, store=store, learner=learner, progress=progress)
-        if metrics_port is not None:
-            from services.learner.prometheus import LearnerMetrics
-
-            metrics = LearnerMetrics(runner.run)
-            port = metrics.serve(metrics_port, metrics_address)
-            runner.after_step = metrics.after_step
-            print(f"metrics: http://{metrics_address}:{port}/metrics")
-        try:
-            runner.train(resume=bool(resume))
-        finally:
-            if metrics_port is not None:
-                metrics.stop()
-            if not cfg.cache.url:
-                store.clear_run(runner.run)
-    from npo.analysis.report import write_report
-
-    report = write_report(run_dir)
-    print(f"run finished in {time.perf_counter() - started:.0f} s; report: {report}")
-    return run_dir
+# ----------------------------------------------------------------------------------------------------------------
+# The parser.
 
 
-def connect(args: argparse.Namespace) -> Path:
-    """`npo train --connect`: run the learner's configured run to its end, then write the report."""
-    from npo.analysis.report import write_report
-    from services.ops.launcher import train_connected
-
-    if args.config or args.overrides or args.resume or args.out or args.metrics_port is not None:
-        raise ConfigError(
-            "--connect: the learner's run config applies; give --config/--set/--out to `npo up` "
-            "(and --metrics-port is the learner's, set by `npo up`)"
-        )
-    started = time.perf_counter()
-    run_dir = Path(train_connected(args.connect, progress=not args.no_progress))
-    if (run_dir / "metrics.jsonl").is_file():
-        report = write_report(run_dir)
-        print(f"run finished in {time.perf_counter() - started:.0f} s; report: {report}")
-    else:
-        print(f"run finished in {time.perf_counter() - started:.0f} s; run folder (on the learner): {run_dir}")
-    return run_dir
+def _add_set(parser: argparse.ArgumentParser, help: str | None = None) -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
 
 
-def format_status(status: dict, recent: list[dict]) -> str:
-    """`npo status` as text: metrics (or why they are missing), learner, AutoNPO, recent interventions."""
-    import json
-
-    metrics = status["metrics"]
-    if metrics.get("ok"):
-        shown = f"step {status['step']}, reward {status['reward']:.4f}, entropy {status['entropy']:.4f}"
-    else:
-        shown = f"missing ({metrics.get('error', '')})"
-    learner, auto = status["learner"], status["autonpo"]
-    lines = [
-        f"metrics: {shown} [{metrics.get('source', '')}]",
-        f"learner: {learner['state']} at step {learner['step']}/{learner['run_steps']}, "
-        f"segment {learner['segment_id'] or '-'} ({learner['mode'] or '-'})",
-        f"autonpo: {'on' if auto['enabled'] else 'off'}, cool-down until step {auto['cooldown_until']}",
-        f"running intervention: {status['running_intervention'] or 'none'}",
-    ]
-    lines += [f"  {iv['id']}  {iv['kind']:22s} {iv['state']:10s} {json.dumps(iv['outcome'])[:80]}" for iv in recent]
-    return "\n".join(lines)
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a policy (embedded runtime)")
+    p.add_argument("--config", help="YAML run config (see configs/)")
+    _add_set(p, "override a config value, e.g. --set train.steps=50 (repeatable)")
+    p.add_argument("--out", help="run folder (default runs/<method>-seed<seed>-<time>)")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (0 = any free port)")
+    p.add_argument("--metrics-address", default="127.0.0.1", help="address of the /metrics endpoint")
+    connect_help = "run against services: the folder of `npo up`, or the learner's address (its run config applies)"
+    p.add_argument("--connect", metavar="DIR|HOST:PORT", help=connect_help)
 
 
-def controller_command(args: argparse.Namespace) -> int:
-    """`npo status`, `npo intervene ...`, `npo autonpo on|off`: thin clients of the controller's REST API."""
-    import json
-
-    import yaml
-
-    from services.controller.client import ControllerClient, ControllerError
-
-    with ControllerClient.for_target(args.target) as client:
-        try:
-            if args.command == "status":
-                status = client.status()
-                recent = client.interventions(limit=10)
-                if args.json:
-                    print(json.dumps({"status": status, "interventions": recent}, indent=2))
-                    return 0
-                print(format_status(status, recent))
-                return 0
-            if args.command == "autonpo":
-                overrides = {}
-                for item in args.overrides:
-                    key, sep, value = item.partition("=")
-                    if not sep:
-                        raise ConfigError(f"--set: expected KEY=VALUE, got {item!r}")
-                    overrides[key.removeprefix("autonpo.")] = yaml.safe_load(value)
-                print(yaml.safe_dump(client.set_autonpo(args.switch == "on", overrides), sort_keys=False), end="")
-                return 0
-            if args.kind == "early":
-                record = client.early_bootstrap(args.scout_steps)
-            elif args.kind == "plateau":
-                record = client.plateau_breakthrough(args.start, args.lookahead)
-            else:
-                record = client.rollback(args.step)
-            print(f"started {record['id']} ({record['kind']})")
-            while args.wait and record["state"] == "running":
-                time.sleep(1.0)
-                record = client.intervention(record["id"])
-            if args.wait:
-                print(json.dumps(record, indent=2))
-                return 0 if record["state"] == "succeeded" else 1
-            return 0
-        except ControllerError as exc:
-            print(f"npo: controller: {exc}", file=sys.stderr)
-            return 2 if 400 <= exc.status_code < 500 else 1
-
-
-def demo(config: str | None, overrides: list[str], out: str) -> None:
-    from npo.analysis.report import compare_runs
-
-    out_dir = Path(out)
-    runs = []
-    for method in ("grpo", "autonpo"):
-        print(f"== {method} ==")
-        runs.append(train(config, [*overrides, f"method={method}"], str(out_dir / method), None))
-    table, path = compare_runs(runs, out_dir)
-    print(table)
-    print(f"comparison report: {path}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="npo", description="GRPO with Near-Future Policy Optimization (NPO/AutoNPO)")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p_train = sub.add_parser("train", help="train a policy (embedded runtime)")
-    p_train.add_argument("--config", help="YAML run config (see configs/)")
-    p_train.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set train.steps=50 (repeatable)",
-    )
-    p_train.add_argument("--out", help="run folder (default runs/<method>-seed<seed>-<time>)")
-    p_train.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint")
-    p_train.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p_train.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (0 = any free port)")
-    p_train.add_argument("--metrics-address", default="127.0.0.1", help="address of the /metrics endpoint")
-    p_train.add_argument(
-        "--connect",
-        metavar="DIR|HOST:PORT",
-        help="run against services: the folder of `npo up`, or the learner's address (its run config applies)",
-    )
-
-    p_up = sub.add_parser("up", help="start the run's services (cache, rollout replicas, learner) as local processes")
-    p_up.add_argument("--config", help="YAML run config (see configs/)")
-    p_up.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p_up.add_argument("--out", required=True, help="run folder (state, logs, checkpoints, metrics)")
-    p_up.add_argument("--replicas", type=int, default=1, help="rollout replicas (default 1)")
-    p_up.add_argument("--host", default="127.0.0.1", help="address every service listens on")
-    p_up.add_argument("--learner-port", type=int, default=0, help="the learner's gRPC port (0: a free one)")
-    p_up.add_argument("--metrics-port", type=int, default=0, help="the learner's /metrics port (0: a free one)")
-    p_up.add_argument("--api-port", type=int, default=0, help="the controller's REST API port (0: a free one)")
-    p_up.add_argument("--no-controller", action="store_true", help="start no controller (AutoNPO then runs inside "
-                      "the learner when method=autonpo)")  # fmt: skip
-    p_up.add_argument("--prometheus", action="store_true", help="also start a Prometheus server (needs the "
-                      "`prometheus` binary) and let the controller read the metrics from it with PromQL")  # fmt: skip
+def _add_up(sub) -> None:
+    p = sub.add_parser("up", help="start the run's services (cache, rollout replicas, learner) as local processes")
+    p.add_argument("--config", help="YAML run config (see configs/)")
+    _add_set(p)
+    p.add_argument("--out", required=True, help="run folder (state, logs, checkpoints, metrics)")
+    p.add_argument("--replicas", type=int, default=1, help="rollout replicas (default 1)")
+    p.add_argument("--host", default="127.0.0.1", help="address every service listens on")
+    p.add_argument("--learner-port", type=int, default=0, help="the learner's gRPC port (0: a free one)")
+    p.add_argument("--metrics-port", type=int, default=0, help="the learner's /metrics port (0: a free one)")
+    p.add_argument("--api-port", type=int, default=0, help="the controller's REST API port (0: a free one)")
+    p.add_argument("--no-controller", action="store_true", help="start no controller (AutoNPO then runs inside "
+                   "the learner when method=autonpo)")  # fmt: skip
+    p.add_argument("--prometheus", action="store_true", help="also start a Prometheus server (needs the "
+                   "`prometheus` binary) and let the controller read the metrics from it with PromQL")  # fmt: skip
     ray_help = "place the roles on a Ray cluster (default: auto, the `ray start --head` cluster)"
-    p_up.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS", help=ray_help)
-    p_up.add_argument("--gpus-per-replica", type=float, default=0.0, help="Ray: GPUs per rollout replica")
-    p_up.add_argument("--learner-gpus", type=float, default=0.0, help="Ray: GPUs of the learner")
-    p_up.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for every service to be healthy")
+    p.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS", help=ray_help)
+    p.add_argument("--gpus-per-replica", type=float, default=0.0, help="Ray: GPUs per rollout replica")
+    p.add_argument("--learner-gpus", type=float, default=0.0, help="Ray: GPUs of the learner")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for every service to be healthy")
 
+
+def _add_down_restart(sub) -> None:
     p_down = sub.add_parser("down", help="stop the services `npo up` started in a run folder")
     p_down.add_argument("run", help="the run folder given to `npo up --out`")
-
     p_restart = sub.add_parser("restart", help="restart one service of `npo up` with its recorded command")
     p_restart.add_argument("run", help="the run folder given to `npo up --out`")
     p_restart.add_argument("service", help="controller, prometheus, ... (see services.json)")
 
-    target_help = "the folder of `npo up` or the controller's http://host:port (default: runs/svc)"
+
+def _add_controller(sub) -> None:
     p_status = sub.add_parser("status", help="the controller's status and its recent interventions")
-    p_status.add_argument("target", nargs="?", default="runs/svc", help=target_help)
+    p_status.add_argument("target", nargs="?", default="runs/svc", help=TARGET_HELP)
     p_status.add_argument("--json", action="store_true", help="print the raw JSON")
 
     p_iv = sub.add_parser("intervene", help="start a manual intervention through the controller")
@@ -241,19 +100,19 @@ def main(argv: list[str] | None = None) -> int:
     p_rb = iv_sub.add_parser("rollback", help="roll back to a checkpoint and continue from there")
     p_rb.add_argument("--step", type=int, required=True)
     for p in (p_early, p_plateau, p_rb):
-        p.add_argument("target", nargs="?", default="runs/svc", help=target_help)
+        p.add_argument("target", nargs="?", default="runs/svc", help=TARGET_HELP)
         p.add_argument("--wait", action="store_true", help="wait until the intervention ends and print its record")
 
     p_auto = sub.add_parser("autonpo", help="switch AutoNPO on or off in the controller")
     p_auto.add_argument("switch", choices=["on", "off"])
-    p_auto.add_argument("target", nargs="?", default="runs/svc", help=target_help)
-    p_auto.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="autonpo.KEY override"
-    )
+    p_auto.add_argument("target", nargs="?", default="runs/svc", help=TARGET_HELP)
+    _add_set(p_auto, "autonpo.KEY override")
 
+
+def _add_results(sub) -> None:
     p_demo = sub.add_parser("demo", help="GRPO and AutoNPO side by side on the same seed, then compare")
     p_demo.add_argument("--config", default="configs/demo.yaml")
-    p_demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _add_set(p_demo)
     p_demo.add_argument("--out", default="runs/demo")
 
     p_cmp = sub.add_parser("compare", help="compare finished runs: table and overlay plots")
@@ -275,156 +134,223 @@ def main(argv: list[str] | None = None) -> int:
 
     p_cfg = sub.add_parser("config", help="print every config option with its default and documentation")
     p_cfg.add_argument("--config", help="print this file resolved instead")
-    p_cfg.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _add_set(p_cfg)
 
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "train" and args.connect:
-            connect(args)
-        elif args.command == "up" and args.ray:
-            from services.ops.ray_backend import up_ray
 
-            if args.prometheus:
-                raise ConfigError("--prometheus: not with --ray (point prometheus.url at the cluster's Prometheus)")
-            started, _ = up_ray(
-                args.config,
-                args.overrides,
-                args.out,
-                ray_address=args.ray,
-                replicas=args.replicas,
-                gpus_per_replica=args.gpus_per_replica,
-                learner_gpus=args.learner_gpus,
-                controller=not args.no_controller,
-                timeout_s=args.timeout,
-            )
-            for entry in started:
-                print(f"{entry.name:16s} {entry.address:22s} (Ray actor) log {entry.log}")
-            print(f"up on Ray. next: npo train --connect {args.out}; stop with: npo down {args.out}")
-        elif args.command == "up":
-            from services.ops.launcher import up
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="npo", description="GRPO with Near-Future Policy Optimization (NPO/AutoNPO)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_train, _add_up, _add_down_restart, _add_controller, _add_results):
+        add(sub)
+    return parser
 
-            started = up(
-                args.config,
-                args.overrides,
-                args.out,
-                replicas=args.replicas,
-                host=args.host,
-                learner_port=args.learner_port,
-                metrics_port=args.metrics_port,
-                api_port=args.api_port,
-                controller=not args.no_controller,
-                prometheus=args.prometheus,
-                timeout_s=args.timeout,
-            )
-            for entry in started:
-                label = "metrics" if entry.name == "learner" else "url"
-                extra = f"  {label} {entry.metrics_url}" if entry.metrics_url else ""
-                print(f"{entry.name:16s} {entry.address:22s} pid {entry.pid:<8d} log {entry.log}{extra}")
-            print(f"up. next: npo train --connect {args.out}; stop with: npo down {args.out}")
-        elif args.command in ("status", "intervene", "autonpo"):
-            return controller_command(args)
-        elif args.command == "restart":
-            from services.ops.launcher import restart
 
-            entry = restart(args.run, args.service)
-            print(f"{entry.name} restarted: {entry.address} pid {entry.pid}")
-        elif args.command == "down":
-            import json
+# ----------------------------------------------------------------------------------------------------------------
+# The handlers: each returns the exit code.
 
-            from services.ops.launcher import STATE_FILE, down
 
-            state_file = Path(args.run) / STATE_FILE
-            if state_file.is_file() and json.loads(state_file.read_text()).get("backend") == "ray":
-                from services.ops.ray_backend import down_ray
+def _train(args: argparse.Namespace) -> int:
+    if args.connect:
+        return _train_connected(args)
+    from services.ops.embedded import train
 
-                stopped = down_ray(args.run)
-            else:
-                stopped = down(args.run)
-            print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
-        elif args.command == "train":
-            train(
-                args.config,
-                args.overrides,
-                args.out,
-                args.resume,
-                progress=not args.no_progress,
-                metrics_port=args.metrics_port,
-                metrics_address=args.metrics_address,
-            )
-        elif args.command == "demo":
-            demo(args.config, args.overrides, args.out)
-        elif args.command == "compare":
-            from npo.analysis.report import compare_runs
+    train(args.config, args.overrides, args.out, args.resume, progress=not args.no_progress,
+          metrics_port=args.metrics_port, metrics_address=args.metrics_address)  # fmt: skip
+    return 0
 
-            out = Path(args.out) if args.out else Path(args.runs[0]).resolve().parent
-            table, path = compare_runs([Path(r) for r in args.runs], out)
-            print(table)
-            print(f"comparison report: {path}")
-        elif args.command == "analyze":
-            from npo.analysis.qvs import analyze_run
 
-            deltas = [int(x) for x in args.deltas.split(",") if x.strip()]
-            anchors = [int(x) for x in args.anchors.split(",") if x.strip()] or None
-            analyze_run(
-                Path(args.run),
-                deltas=deltas,
-                anchors=anchors,
-                num_prompts=args.prompts,
-                samples=args.samples,
-                seed=args.seed,
-            )
-        elif args.command == "experiment":
-            from services.ops import experiment
+def _train_connected(args: argparse.Namespace) -> int:
+    if args.config or args.overrides or args.resume or args.out or args.metrics_port is not None:
+        raise ConfigError(
+            "--connect: the learner's run config applies; give --config/--set/--out to `npo up` "
+            "(and --metrics-port is the learner's, set by `npo up`)"
+        )
+    from services.ops.connect import run_connected
 
-            if args.background:
-                pid, log_path = experiment.start_background(args.file)
-                print(f"experiment running in the background (pid {pid}); follow it with: tail -f {log_path}")
-                print("run the same command again to resume it after an interruption")
-            else:
+    run_connected(args.connect, progress=not args.no_progress)
+    return 0
 
-                def log(message: str) -> None:
-                    print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
 
-                experiment.run_experiment(args.file, report_only=args.report_only, log=log)
-        elif args.command == "config":
-            import yaml
+def _up(args: argparse.Namespace) -> int:
+    if args.ray:
+        return _up_ray(args)
+    from services.ops.launcher import up
 
-            from npo.runtime.run_config import describe_config, load_run_config, run_config_to_dict
+    started = up(args.config, args.overrides, args.out, replicas=args.replicas, host=args.host,
+                 learner_port=args.learner_port, metrics_port=args.metrics_port, api_port=args.api_port,
+                 controller=not args.no_controller, prometheus=args.prometheus, timeout_s=args.timeout)  # fmt: skip
+    for entry in started:
+        label = "metrics" if entry.name == "learner" else "url"
+        extra = f"  {label} {entry.metrics_url}" if entry.metrics_url else ""
+        print(f"{entry.name:16s} {entry.address:22s} pid {entry.pid:<8d} log {entry.log}{extra}")
+    print(f"up. next: npo train --connect {args.out}; stop with: npo down {args.out}")
+    return 0
 
-            if args.config or args.overrides:
-                print(yaml.safe_dump(run_config_to_dict(load_run_config(args.config, args.overrides)), sort_keys=False))
-            else:
-                print("\n".join(describe_config()))
-    except ConfigError as exc:
+
+def _up_ray(args: argparse.Namespace) -> int:
+    if args.prometheus:
+        raise ConfigError("--prometheus: not with --ray (point prometheus.url at the cluster's Prometheus)")
+    from services.ops.ray_backend import up_ray
+
+    started, _ = up_ray(args.config, args.overrides, args.out, ray_address=args.ray, replicas=args.replicas,
+                        gpus_per_replica=args.gpus_per_replica, learner_gpus=args.learner_gpus,
+                        controller=not args.no_controller, timeout_s=args.timeout)  # fmt: skip
+    for entry in started:
+        print(f"{entry.name:16s} {entry.address:22s} (Ray actor) log {entry.log}")
+    print(f"up on Ray. next: npo train --connect {args.out}; stop with: npo down {args.out}")
+    return 0
+
+
+def _down(args: argparse.Namespace) -> int:
+    from services.ops.state import backend
+
+    if backend(args.run) == "ray":
+        from services.ops.ray_backend import down_ray
+
+        stopped = down_ray(args.run)
+    else:
+        from services.ops.launcher import down
+
+        stopped = down(args.run)
+    print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
+    return 0
+
+
+def _restart(args: argparse.Namespace) -> int:
+    from services.ops.launcher import restart
+
+    entry = restart(args.run, args.service)
+    print(f"{entry.name} restarted: {entry.address} pid {entry.pid}")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from services.ops import control
+
+    return control.run_command(args.target, lambda client: control.show_status(client, args.json))
+
+
+def _intervene(args: argparse.Namespace) -> int:
+    from services.ops import control
+
+    params = {k: getattr(args, k) for k in ("scout_steps", "start", "lookahead", "step") if hasattr(args, k)}
+    return control.run_command(args.target, lambda client: control.intervene(client, args.kind, params, args.wait))
+
+
+def _autonpo(args: argparse.Namespace) -> int:
+    from services.ops import control
+
+    on = args.switch == "on"
+    return control.run_command(args.target, lambda client: control.switch_autonpo(client, on, args.overrides))
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from services.ops.embedded import demo
+
+    demo(args.config, args.overrides, args.out)
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from npo.analysis.report import compare_runs
+
+    out = Path(args.out) if args.out else Path(args.runs[0]).resolve().parent
+    table, path = compare_runs([Path(r) for r in args.runs], out)
+    print(table)
+    print(f"comparison report: {path}")
+    return 0
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from npo.analysis.qvs import analyze_run
+
+    analyze_run(Path(args.run), deltas=_ints(args.deltas), anchors=_ints(args.anchors) or None,
+                num_prompts=args.prompts, samples=args.samples, seed=args.seed)  # fmt: skip
+    return 0
+
+
+def _log(message: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
+
+
+def _experiment(args: argparse.Namespace) -> int:
+    from services.ops import experiment
+
+    if args.background:
+        pid, log_path = experiment.start_background(args.file)
+        print(f"experiment running in the background (pid {pid}); follow it with: tail -f {log_path}")
+        print("run the same command again to resume it after an interruption")
+    else:
+        experiment.run_experiment(args.file, report_only=args.report_only, log=_log)
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    from npo.runtime.run_config import describe_config, load_run_config, run_config_to_dict
+
+    if args.config or args.overrides:
+        import yaml
+
+        print(yaml.safe_dump(run_config_to_dict(load_run_config(args.config, args.overrides)), sort_keys=False))
+    else:
+        print("\n".join(describe_config()))
+    return 0
+
+
+HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "train": _train,
+    "up": _up,
+    "down": _down,
+    "restart": _restart,
+    "status": _status,
+    "intervene": _intervene,
+    "autonpo": _autonpo,
+    "demo": _demo,
+    "compare": _compare,
+    "analyze": _analyze,
+    "experiment": _experiment,
+    "config": _config,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Errors and the entry point.
+
+
+def _error_code(args: argparse.Namespace, exc: Exception) -> int | None:
+    """Print a one-line message for an error a user can act on and return its exit code; None: not such an error
+    (it propagates with its traceback)."""
+    if isinstance(exc, ConfigError):
         print(f"npo: config error: {exc}", file=sys.stderr)
         return 2
-    except FileNotFoundError as exc:
+    service = args.command in SERVICE_COMMANDS or getattr(args, "connect", None)
+    if isinstance(exc, FileNotFoundError | ConnectionError | TimeoutError) or service and isinstance(exc, RuntimeError):
         print(f"npo: {exc}", file=sys.stderr)
-        return 2
-    except (ConnectionError, TimeoutError) as exc:
-        print(f"npo: {exc}", file=sys.stderr)
-        return 1
-    except RuntimeError as exc:
-        service_commands = ("up", "down", "restart", "status", "intervene", "autonpo")
-        if args.command not in service_commands and not getattr(args, "connect", None):
-            raise
-        print(f"npo: {exc}", file=sys.stderr)  # a service that failed to start, a failed or refused segment
-        return 1
+        return 2 if isinstance(exc, FileNotFoundError) else 1
+    from npo.runtime.runner import Interrupted
+
+    if isinstance(exc, Interrupted):
+        print(f"npo: {exc}; continue with: npo train --resume {exc.path.parent.parent}", file=sys.stderr)
+        return 130
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return HANDLERS[args.command](args)
     except KeyboardInterrupt:
         print("npo: aborted", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - Interrupted and checkpoint errors get a one-line message
-        from npo.runtime.checkpoint import CheckpointError
-        from npo.runtime.runner import Interrupted
-
-        if isinstance(exc, Interrupted):
-            print(f"npo: {exc}; continue with: npo train --resume {exc.path.parent.parent}", file=sys.stderr)
-            return 130
-        if isinstance(exc, CheckpointError):
-            print(f"npo: {exc}", file=sys.stderr)
-            return 1
-        raise
-    return 0
+    except Exception as exc:  # noqa: BLE001 - the errors a user can act on get a one-line message
+        code = _error_code(args, exc)
+        if code is None:
+            raise
+        return code
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Building a run's parts from its config: policy and task, learner engine, guidance store.
 
-Used by the `npo` command (services/cli.py), every role's main and the ops tools; imports neither of them.
+Used by the embedded run (services/ops/embedded.py), the other ops tools and every role's main; imports neither the
+CLI nor services/ops.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from npo.analysis.report import load_run
+from npo.analysis.runs import load_run
 from npo.core.config import ConfigError
 from services.ops.experiment import load_experiment, run_experiment, start_background
 

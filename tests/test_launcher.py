@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from services.ops.launcher import STATE_FILE, read_state
+from services.ops.state import STATE_FILE, read_state
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
@@ -105,7 +105,7 @@ def test_controller_reads_prometheus_and_survives_sigkill(tmp_path):
     it knows that intervention (abandoned) and its history; the run still ends."""
     import shutil
 
-    from services.controller.client import ControllerClient
+    from services.ops.control import open_controller
 
     if shutil.which("prometheus") is None:
         if os.environ.get("CI") == "true":
@@ -120,7 +120,7 @@ def test_controller_reads_prometheus_and_survives_sigkill(tmp_path):
     try:
         command = [sys.executable, "-m", "services.cli", "train", "--connect", str(run), "--no-progress"]
         train = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        client = ControllerClient.for_target(str(run))
+        client = open_controller(str(run))
         deadline = time.monotonic() + 180
         while True:
             status = client.status()
@@ -135,7 +135,7 @@ def test_controller_reads_prometheus_and_survives_sigkill(tmp_path):
         os.kill(controller.pid, 9)
         restarted = npo("restart", str(run), "controller")
         assert restarted.returncode == 0, restarted.stderr[-2000:]
-        client = ControllerClient.for_target(str(run))
+        client = open_controller(str(run))
         record = client.intervention(first["id"])
         assert record["state"] == "abandoned" and "restarted" in record["error"]
         assert [iv["id"] for iv in client.interventions()] == [first["id"]]
@@ -148,3 +148,21 @@ def test_controller_reads_prometheus_and_survives_sigkill(tmp_path):
         if train is not None and train.poll() is None:
             train.kill()
         npo("down", str(run))
+
+
+def test_controller_target_reads_the_run_folder(tmp_path, monkeypatch):
+    from npo.core.config import ConfigError
+    from services.ops.state import Started, controller_target, write_state
+
+    monkeypatch.delenv("NPO_API_TOKEN", raising=False)
+    assert controller_target("http://127.0.0.1:8080") == ("http://127.0.0.1:8080", None)
+    with pytest.raises(ConfigError, match="expected a folder of `npo up`"):
+        controller_target(str(tmp_path / "missing"))
+    write_state(tmp_path, tmp_path / "service-config.yaml", [Started("learner", 1, "127.0.0.1:5", "log")])
+    with pytest.raises(ConfigError, match="no controller was started there"):
+        controller_target(str(tmp_path))
+    write_state(tmp_path, tmp_path / "service-config.yaml", [Started("controller", 1, "127.0.0.1:7", "log")])
+    (tmp_path / "api-token").write_text("secret\n")
+    assert controller_target(str(tmp_path)) == ("http://127.0.0.1:7", "secret")
+    monkeypatch.setenv("NPO_API_TOKEN", "from-env")
+    assert controller_target(str(tmp_path)) == ("http://127.0.0.1:7", "from-env")

@@ -13,7 +13,7 @@ from npo.runtime.runner import Runner  # noqa: E402
 from npo.runtime.tasks import COMPACT_ALPHABET, load_task  # noqa: E402
 from services.guidance_cache.embedded import EmbeddedRedis  # noqa: E402
 from services.guidance_cache.store import RedisGuideStore  # noqa: E402
-from services.ops.launcher import train_connected  # noqa: E402
+from services.ops.connect import train_connected  # noqa: E402
 from services.ops.ray_backend import down_ray_handles, up_ray  # noqa: E402
 
 

@@ -1,23 +1,20 @@
 """ControllerClient: the REST API of the controller (services/controller/api.py) for `npo status`, `npo intervene`
 and `npo autonpo`.
 
-    client = ControllerClient.for_target("runs/svc")      # a folder of `npo up`, or http://host:port
+    client = ControllerClient("http://127.0.0.1:8080", token)
     client.status()
     client.early_bootstrap(scout_steps=10)
 
-The token comes from NPO_API_TOKEN, else the api-token file `npo up` wrote in the run folder. An HTTP error comes back
-as ControllerError with the status code and the API's message.
+The token authorises the mutating routes (services/ops/state.py: controller_target resolves a run folder of `npo up`
+to its controller's URL and token). An HTTP error comes back as ControllerError with the status code and the API's
+message.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 import httpx
-
-from npo.core.config import ConfigError
 
 
 class ControllerError(RuntimeError):
@@ -47,24 +44,6 @@ class ControllerClient:
     def __init__(self, base_url: str, token: str | None = None, timeout_s: float = 30.0) -> None:
         self.base_url, self.token = base_url.rstrip("/"), token
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout_s)
-
-    @classmethod
-    def for_target(cls, target: str) -> ControllerClient:
-        """A client for a folder of `npo up` (its controller and token file) or an http(s):// URL."""
-        from services.ops.launcher import TOKEN_FILE, read_state
-
-        token = os.environ.get("NPO_API_TOKEN")
-        if target.startswith(("http://", "https://")):
-            return cls(target, token)
-        if not Path(target).is_dir():
-            raise ConfigError(f"expected a folder of `npo up` or the controller's http://host:port, got {target!r}")
-        entry = next((s for s in read_state(target) if s.name == "controller"), None)
-        if entry is None:
-            raise ConfigError(f"{target}: no controller was started there (npo up --no-controller?)")
-        token_file = Path(target) / TOKEN_FILE
-        if token is None and token_file.is_file():
-            token = token_file.read_text().strip()
-        return cls(f"http://{entry.address}", token)
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None, **params: Any) -> Any:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}

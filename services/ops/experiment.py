@@ -109,41 +109,50 @@ def _require(data: dict, key: str, kind: type | tuple[type, ...], where: str) ->
     return value
 
 
-def load_experiment(path: str | Path) -> Experiment:
-    """Read and check an experiment file; ConfigError names the bad key. Relative paths are relative to the
-    current directory (run it from the repository root)."""
-    path = Path(path)
+KNOWN_KEYS = {"name", "base", "set", "out", "report", "figures", "seeds", "workers", "threads", "horizon", "window",
+              "baseline", "roles", "arms", "models", "analysis", "discussion"}  # fmt: skip
+"""The keys of an experiment file."""
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"experiment: no such file {path}")
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"experiment: {path} must hold a mapping")
-    known = {"name", "base", "set", "out", "report", "figures", "seeds", "workers", "threads", "horizon", "window",
-             "baseline", "roles", "arms", "models", "analysis", "discussion"}  # fmt: skip
     for key in data:
-        if key not in known:
-            raise ConfigError(f"{key}: unknown key of an experiment file (known: {', '.join(sorted(known))})")
+        if key not in KNOWN_KEYS:
+            raise ConfigError(f"{key}: unknown key of an experiment file (known: {', '.join(sorted(KNOWN_KEYS))})")
+    return data
+
+
+def _load_seeds(data: dict) -> list[int]:
     seeds = _require(data, "seeds", list, "")
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise ConfigError(f"seeds: expected a non-empty list of integers, got {seeds!r}")
-    arms = []
-    for i, raw in enumerate(_require(data, "arms", list, "")):
-        where = f"arms[{i}]."
-        if not isinstance(raw, dict):
-            raise ConfigError(f"arms[{i}]: expected a mapping")
-        name = _require(raw, "name", str, where)
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-            raise ConfigError(f"{where}name: letters, digits, '_', '.', '-' only, got {name!r}")
-        needs = raw.get("needs", [])
-        arms.append(
-            Arm(
-                name,
-                str(raw.get("label", name)),
-                str(raw.get("description", "")),
-                dict(raw.get("set") or {}),
-                [needs] if isinstance(needs, str) else list(needs),
-            )
-        )
+    return seeds
+
+
+def _load_arm(i: int, raw: Any) -> Arm:
+    where = f"arms[{i}]."
+    if not isinstance(raw, dict):
+        raise ConfigError(f"arms[{i}]: expected a mapping")
+    name = _require(raw, "name", str, where)
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise ConfigError(f"{where}name: letters, digits, '_', '.', '-' only, got {name!r}")
+    needs = raw.get("needs", [])
+    return Arm(
+        name,
+        str(raw.get("label", name)),
+        str(raw.get("description", "")),
+        dict(raw.get("set") or {}),
+        [needs] if isinstance(needs, str) else list(needs),
+    )
+
+
+def _load_arms(data: dict) -> list[Arm]:
+    """The arms, with unique names, each needing only arms listed before it."""
+    arms = [_load_arm(i, raw) for i, raw in enumerate(_require(data, "arms", list, ""))]
     names = [a.name for a in arms]
     if len(set(names)) != len(names):
         raise ConfigError(f"arms: names must be unique, got {names}")
@@ -151,24 +160,29 @@ def load_experiment(path: str | Path) -> Experiment:
         for need in arm.needs:
             if need not in names or names.index(need) >= names.index(arm.name):
                 raise ConfigError(f"arms.{arm.name}.needs: {need!r} is not an arm listed before it")
-    models = [
-        ModelSpec(name, dict(spec.get("set") or {}), int(spec.get("seed", 0)))
-        for name, spec in (data.get("models") or {}).items()
-    ]
-    analysis = None
-    if data.get("analysis"):
-        a = data["analysis"]
-        analysis = AnalysisSpec(
-            arm=_require(a, "arm", str, "analysis."),
-            seeds=list(a.get("seeds", seeds[:1])),
-            anchors=list(_require(a, "anchors", list, "analysis.")),
-            deltas=list(_require(a, "deltas", list, "analysis.")),
-            prompts=int(a.get("prompts", 256)),
-            samples=int(a.get("samples", 8)),
-            models=dict(a.get("models") or {}),
-        )
-        if analysis.arm not in names:
-            raise ConfigError(f"analysis.arm: {analysis.arm!r} is not an arm")
+    return arms
+
+
+def _load_analysis(data: dict, seeds: list[int], names: list[str]) -> AnalysisSpec | None:
+    if not data.get("analysis"):
+        return None
+    a = data["analysis"]
+    analysis = AnalysisSpec(
+        arm=_require(a, "arm", str, "analysis."),
+        seeds=list(a.get("seeds", seeds[:1])),
+        anchors=list(_require(a, "anchors", list, "analysis.")),
+        deltas=list(_require(a, "deltas", list, "analysis.")),
+        prompts=int(a.get("prompts", 256)),
+        samples=int(a.get("samples", 8)),
+        models=dict(a.get("models") or {}),
+    )
+    if analysis.arm not in names:
+        raise ConfigError(f"analysis.arm: {analysis.arm!r} is not an arm")
+    return analysis
+
+
+def _load_roles(data: dict, names: list[str]) -> tuple[str, dict[str, str]]:
+    """(baseline arm, {role: arm}), each naming an arm."""
     baseline = str(data.get("baseline", names[0] if names else ""))
     if baseline not in names:
         raise ConfigError(f"baseline: {baseline!r} is not an arm")
@@ -176,6 +190,34 @@ def load_experiment(path: str | Path) -> Experiment:
     for role, arm_name in roles.items():
         if arm_name not in names:
             raise ConfigError(f"roles.{role}: {arm_name!r} is not an arm")
+    return baseline, roles
+
+
+def _check(exp: Experiment) -> None:
+    if exp.discussion is not None and not exp.discussion.is_file():
+        raise ConfigError(f"discussion: no such file {exp.discussion}")
+    if not exp.base.is_file():
+        raise ConfigError(f"base: no such run config {exp.base}")
+    if exp.workers < 1:
+        raise ConfigError(f"workers: must be >= 1, got {exp.workers}")
+    for arm in exp.arms:  # every arm's config must load (placeholders filled with stand-ins)
+        _check_arm_config(exp, arm)
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """Read and check an experiment file; ConfigError names the bad key. Relative paths are relative to the
+    current directory (run it from the repository root)."""
+    path = Path(path)
+    data = _read_mapping(path)
+    seeds = _load_seeds(data)
+    arms = _load_arms(data)
+    names = [a.name for a in arms]
+    models = [
+        ModelSpec(name, dict(spec.get("set") or {}), int(spec.get("seed", 0)))
+        for name, spec in (data.get("models") or {}).items()
+    ]
+    analysis = _load_analysis(data, seeds, names)
+    baseline, roles = _load_roles(data, names)
     out = Path(data.get("out", f"runs/{path.stem}"))
     report = Path(data.get("report", out / "results.md"))
     exp = Experiment(
@@ -198,14 +240,7 @@ def load_experiment(path: str | Path) -> Experiment:
         analysis=analysis,
         discussion=Path(data["discussion"]) if data.get("discussion") else None,
     )
-    if exp.discussion is not None and not exp.discussion.is_file():
-        raise ConfigError(f"discussion: no such file {exp.discussion}")
-    if not exp.base.is_file():
-        raise ConfigError(f"base: no such run config {exp.base}")
-    if exp.workers < 1:
-        raise ConfigError(f"workers: must be >= 1, got {exp.workers}")
-    for arm in arms:  # every arm's config must load (placeholders filled with stand-ins)
-        _check_arm_config(exp, arm)
+    _check(exp)
     return exp
 
 
@@ -434,8 +469,8 @@ def git_commit() -> str:
 
 
 def write_report(exp: Experiment, analysis: list[dict[str, Any]], meta: dict[str, Any]) -> Path:
-    from npo.analysis.evidence import write_results
-    from npo.analysis.report import load_run
+    from npo.analysis.results import write_results
+    from npo.analysis.runs import load_run
     from npo.runtime.run_config import load_run_config
 
     grid: dict[str, dict[int, Any]] = {}

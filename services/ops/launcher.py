@@ -1,4 +1,4 @@
-"""`npo up` / `npo down`: the roles of one run as local processes on loopback ports, and `npo train --connect`.
+"""`npo up` / `npo down` / `npo restart`: the roles of one run as local processes on loopback ports.
 
     npo up --config configs/tiny.yaml --out runs/svc --replicas 2     # cache (+ embedded Redis), 2 rollout, learner
     npo train --connect runs/svc                                      # drive the run through LearnerService
@@ -8,19 +8,17 @@
 cache once (so the processes do not all build it), then starts the guidance cache service (with an embedded Redis
 unless cache.url names one) and the rollout replicas side by side, and the learner last, pointed at them. Each
 process listens on a free port (or the one asked for), prints `serving on HOST:PORT` to its log (DIR/logs/), and is
-checked with grpc.health.v1 before `up` reports it. What was started goes to DIR/services.json, which `down` reads;
-a process that fails to start stops everything `up` started and its log's tail is shown.
+checked with grpc.health.v1 before `up` reports it. What was started goes to DIR/services.json (services/ops/state.py),
+which `down` reads; a process that fails to start stops everything `up` started and its log's tail is shown.
+`npo train --connect` is services/ops/connect.py.
 
 The learner's run folder is DIR itself (checkpoints/, metrics.jsonl, interventions.jsonl, published/ weights).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import re
-import secrets
 import shutil
 import signal
 import socket
@@ -30,44 +28,28 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from npo.core.config import ConfigError
+from services.ops.state import (
+    STATE_FILE,
+    Started,
+    api_token_file,
+    read_state,
+    remove_state,
+    replace_service,
+    write_state,
+)
 
-STATE_FILE = "services.json"
-"""What `npo up` started, in the run folder."""
-TOKEN_FILE = "api-token"
-"""The controller's API token written by `npo up` (mode 0600)."""
 CONFIG_FILE = "service-config.yaml"
 """The resolved run config every process of `npo up` reads."""
 SERVING = re.compile(r"serving on (\S+:\d+)")
 """The line each service prints once it listens."""
-IDLE_GRACE_S = 5.0
-"""`npo train --connect` continues the main line itself when the learner stays idle this long before the end."""
 METRICS = re.compile(r"metrics on (http://\S+/metrics)")
 """The learner's line naming its /metrics endpoint."""
-
-
-@dataclass
-class Started:
-    """One process started by `npo up`."""
-
-    name: str
-    """guidance_cache | rollout-<i> | learner"""
-    pid: int
-    """Its process id (the leader of its own process group)."""
-    address: str
-    """host:port it serves gRPC on."""
-    log: str
-    """Its log file (stdout and stderr)."""
-    metrics_url: str = ""
-    """Its HTTP endpoint, when it has one (the learner's /metrics, Prometheus, the controller's API)."""
-    argv: list[str] = field(default_factory=list)
-    """The command that started it (`npo restart` runs it again)."""
 
 
 def _log_tail(path: Path, lines: int = 15) -> str:
@@ -135,18 +117,6 @@ def wait_http(url: str, deadline: float) -> None:
         time.sleep(0.1)
 
 
-def api_token_file(run_dir: Path) -> Path:
-    """The controller's API token: NPO_API_TOKEN when set, else a random one; written to run_dir/api-token (mode
-    0600), where `npo status` / `npo intervene` find it."""
-    path = run_dir / TOKEN_FILE
-    token = os.environ.get("NPO_API_TOKEN") or (path.read_text().strip() if path.exists() else "")
-    token = token or secrets.token_urlsafe(24)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
-    return path
-
-
 def start_prometheus(run_dir: Path, host: str, metrics_url: str, logs: Path, deadline: float) -> Started:
     """A Prometheus server scraping the learner every second (config and data under run_dir/prometheus)."""
     folder = run_dir / "prometheus"
@@ -171,14 +141,6 @@ def start_prometheus(run_dir: Path, host: str, metrics_url: str, logs: Path, dea
         stop([entry])
         raise RuntimeError(f"prometheus did not start; its log ({log}):\n{_log_tail(log)}") from None
     return entry
-
-
-def read_state(run_dir: str | os.PathLike) -> list[Started]:
-    """The processes recorded by `npo up` in run_dir (FileNotFoundError when there are none)."""
-    path = Path(run_dir) / STATE_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir}: no {STATE_FILE} (nothing started there by `npo up`)")
-    return [Started(**entry) for entry in json.loads(path.read_text())["services"]]
 
 
 def _alive(pid: int) -> bool:
@@ -365,18 +327,11 @@ def up(
     return started
 
 
-def write_state(run_dir: Path, config_file: Path, started: list[Started], **extra) -> None:
-    """Record what was started in run_dir/services.json (what `npo down` and `npo restart` read)."""
-    state = {"config": str(config_file), "run_dir": str(run_dir.resolve()), **extra,
-             "services": [asdict(s) for s in started]}  # fmt: skip
-    (run_dir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-
-
 def down(run_dir: str | os.PathLike, timeout_s: float = 15.0) -> list[str]:
     """Stop what `npo up` started in run_dir (learner first); returns the names that were still running."""
     processes = read_state(run_dir)
     stopped = stop(list(reversed(processes)), timeout_s)
-    (Path(run_dir) / STATE_FILE).unlink(missing_ok=True)
+    remove_state(run_dir)
     return stopped
 
 
@@ -401,72 +356,5 @@ def restart(run_dir: str | os.PathLike, name: str, timeout_s: float = 120.0) -> 
         fresh = Started(name, proc.pid, address, str(log), url, entry.argv)
         if name == "controller":
             wait_http(f"{url}/healthz", deadline)
-    state = json.loads((run_dir / STATE_FILE).read_text())
-    state["services"] = [asdict(fresh) if s["name"] == name else s for s in state["services"]]
-    (run_dir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+    replace_service(run_dir, fresh)
     return fresh
-
-
-def learner_address(target: str) -> str:
-    """The learner's host:port from `target`: a folder of `npo up`, or host:port itself."""
-    if Path(target).is_dir():
-        return next(s.address for s in read_state(target) if s.name == "learner")
-    if not re.fullmatch(r"\S+:\d+", target):
-        raise ConfigError(f"--connect: expected a folder of `npo up` or the learner's host:port, got {target!r}")
-    return target
-
-
-def train_connected(target: str, *, progress: bool = True, timeout_s: float = 7 * 24 * 3600.0) -> str:
-    """Drive the run of the learner at `target` to its end: one segment from its current step to train.steps (its
-    config's interventions run inside), with a progress bar from Status. Ctrl-C pauses the learner (a checkpoint is
-    saved; `npo train --connect` again continues). Returns the learner's run folder."""
-    from services.learner.client import LearnerBusyError, LearnerClient
-
-    address = learner_address(target)
-    with LearnerClient(address, timeout_s=120.0) as learner:
-        status = learner.status()
-        if status.finished:
-            print(f"run {status.run} already finished at step {status.step} ({status.run_dir})")
-            return status.run_dir
-        if status.state == "paused":
-            learner.resume()
-        elif status.state != "running":
-            learner.run_segment(status.step, status.run_steps - status.step, "grpo")
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=status.run_steps, initial=status.step, desc=f"{status.run} @ {address}", unit="step")
-        deadline = time.monotonic() + timeout_s
-        idle_since: float | None = None
-        try:
-            while True:
-                status = learner.status()
-                if bar is not None:
-                    bar.n = status.step
-                    if "reward_mean" in status.metrics:
-                        reward, entropy = status.metrics["reward_mean"], status.metrics.get("entropy", float("nan"))
-                        bar.set_postfix(reward=f"{reward:.3f}", entropy=f"{entropy:.3f}", refresh=False)
-                    bar.refresh()
-                if status.finished or status.state == "failed" or time.monotonic() > deadline:
-                    break
-                # Idle before the end: a controller's intervention is between two commands, or it ended without
-                # continuing the main line. After a grace period, continue the main line here.
-                idle_since = (idle_since or time.monotonic()) if status.state == "idle" else None
-                if idle_since is not None and time.monotonic() - idle_since > IDLE_GRACE_S:
-                    with contextlib.suppress(LearnerBusyError):
-                        learner.run_segment(status.step, status.run_steps - status.step, "grpo")
-                    idle_since = None
-                time.sleep(0.5)
-        except KeyboardInterrupt:
-            state, step = learner.pause()
-            print(f"\npaused the learner at step {step} ({state}); continue with: npo train --connect {target}")
-            raise
-        finally:
-            if bar is not None:
-                bar.close()
-        if status.state == "failed":
-            raise RuntimeError(f"the learner's segment failed: {status.error}")
-        if not status.finished:
-            raise TimeoutError(f"the run is still running after {timeout_s:g} s (step {status.step})")
-        return status.run_dir

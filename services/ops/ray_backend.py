@@ -29,8 +29,8 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from services.ops import launcher
-from services.ops.launcher import Started
+from services.ops import launcher, state
+from services.ops.state import Started
 
 
 @ray.remote
@@ -134,7 +134,7 @@ def up_ray(
     except BaseException:
         down_ray_handles(handles)
         raise
-    launcher.write_state(run_dir, config_file, started, backend="ray", namespace=namespace if detached else "")
+    state.write_state(run_dir, config_file, started, backend="ray", namespace=namespace if detached else "")
     return started, handles
 
 
@@ -153,18 +153,16 @@ def down_ray_handles(handles: dict[str, Any]) -> None:
 
 def down_ray(run_dir: str | os.PathLike, ray_address: str = "auto") -> list[str]:
     """`npo down` of a run started with `npo up --ray`: the named, detached actors in its namespace."""
-    import json
-
-    state = json.loads((Path(run_dir) / launcher.STATE_FILE).read_text())
+    recorded = state.load_state(run_dir)
     if not ray.is_initialized():
         ray.init(address=ray_address)
     actors, names = {}, []
-    for entry in state["services"]:
+    for entry in recorded["services"]:
         try:
-            actors[entry["name"]] = ray.get_actor(f"{state['namespace']}/{entry['name']}")
+            actors[entry["name"]] = ray.get_actor(f"{recorded['namespace']}/{entry['name']}")
             names.append(entry["name"])
         except ValueError:
             pass  # already gone
     down_ray_handles({"actors": actors})
-    (Path(run_dir) / launcher.STATE_FILE).unlink(missing_ok=True)
+    state.remove_state(run_dir)
     return names
