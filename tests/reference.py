@@ -1,7 +1,8 @@
-"""Slow, loop-based reference implementations of the method's maths, for testing the vectorised code.
+"""Slow, loop-based reference implementations of the method's maths, for testing the vectorised code (and, at
+the end, the small fixtures several test modules share).
 
 Plain Python floats and explicit loops over groups, sequences and tokens, written straight from
-docs/npo-method.md (section 2) without torch, so that a mistake in a vectorised expression cannot be repeated here.
+docs/method.md (advantages, loss) without torch, so that a mistake in a vectorised expression cannot be repeated here.
 Inputs are nested lists; `mask` entries are truthy for valid tokens.
 """
 
@@ -145,3 +146,96 @@ def policy_loss_ref(
         "ratio_mean": ratio_sum / n_valid if n_valid else 0.0,
     }
     return loss, metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shared fixtures (not references): the tiny random Llama several test modules run on, and a tiny training run.
+
+VOCAB = 20
+PAD, BOS, EOS = 0, 1, 2
+
+TINY_CHAIN_SUM = [
+    "task.name=chain_sum",
+    "task.options={min_terms: 2, max_terms: 2, min_digits: 1, max_digits: 1}",
+    "task.train_size=60",
+    "task.test_size=20",
+    "train.prompts_per_step=6",
+    "train.lr=3e-4",
+    "algo.group_size=4",
+    "rollout.max_new_tokens=4",
+]
+"""Run-config overrides of a tiny chain_sum run (60 train prompts, 6 per step, groups of 4, 4 new tokens)."""
+
+EARLY_BOOTSTRAP_NPO = ["method=npo", "train.steps=5", "npo.early.at_step=1"]
+"""A 5-step NPO run whose early bootstrap starts scouting at step 1 (add npo.early.delta)."""
+
+EARLY_BOOTSTRAP_SEGMENTS = [
+    (0, "grpo"),
+    (1, "scout"),
+    (2, "scout"),
+    (1, "npo_replay"),
+    (2, "npo_replay"),
+    (3, "grpo"),
+    (4, "grpo"),
+    (5, "final"),
+]
+"""(step, segment) of the metrics rows of EARLY_BOOTSTRAP_NPO with npo.early.delta=2: scout 1-2, roll back to 1,
+replay 1-2 with NPO, continue."""
+
+
+def tiny_llama(seed: int = 0, max_positions: int = 64):
+    """A random 2-layer Llama (vocab 20, hidden 32), float32, on the CPU."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        pad_token_id=PAD,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+    )
+    return LlamaForCausalLM(config).float()
+
+
+GROUP_PROMPTS = {"a": [BOS, 5, 6, 7], "b": [BOS, 9], "c": [BOS, 3, 4, 10, 11]}
+"""Prompt token ids of mixed_groups' three prompts."""
+
+
+def scored_samples(model, prompt_id: str, responses: list[list[int]], rewards: list[float], shift: float) -> list:
+    """Samples whose behaviour log-probs are the model's own plus `shift` (importance ratios away from 1)."""
+    import torch
+
+    from npo.core.types import Sample
+    from npo.runtime.batch import build_batch, gather_responses, token_logprobs
+
+    batch = build_batch([GROUP_PROMPTS[prompt_id]] * len(responses), responses, PAD)
+    with torch.no_grad():
+        logprobs, _ = token_logprobs(model, batch)
+    rows = gather_responses(logprobs, batch)
+    return [Sample(prompt_id, r, [v + shift for v in lp], reward=w) for r, lp, w in zip(responses, rows, rewards)]
+
+
+def mixed_groups(model, seed: int, tau_gate: float = 0.6) -> list:
+    """Three NPO groups of 4 scored under `model`: 'a' all wrong (gated: its last slot becomes the guide), 'b' half
+    right, 'c' all right (above the gate: its guide is not inserted). Responses are random strings of 1-6 tokens."""
+    import torch
+
+    from npo.core.gate import build_mixed_groups
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def response() -> list[int]:
+        n = int(torch.randint(1, 7, (1,), generator=gen))
+        return torch.randint(3, VOCAB, (n,), generator=gen).tolist()
+
+    rewards = {"a": [0.0, 0.0, 0.0, 0.0], "b": [1.0, 0.0, 1.0, 0.0], "c": [1.0, 1.0, 1.0, 1.0]}
+    groups = [scored_samples(model, p, [response() for _ in range(4)], rewards[p], -0.05) for p in GROUP_PROMPTS]
+    guides = {p: scored_samples(model, p, [response() + [EOS]], [1.0], -0.3)[0] for p in ("a", "c")}
+    return build_mixed_groups(groups, guides, tau_gate=tau_gate, correct_threshold=1.0, is_correction=True)

@@ -1,16 +1,12 @@
-"""AutoNPO bookkeeping and decisions (npo/core/autonpo.py): EMA, trigger, mistake pool, Q_hat/V_hat/S_hat, Delta*."""
+"""AutoNPO bookkeeping and decisions (npo/core/autonpo.py): trigger, Q_hat/V_hat/S_hat, Delta*."""
 
 import math
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from npo.core.autonpo import (
     AutoNPO,
     CandidateEstimate,
-    Ema,
-    MistakePool,
     PlateauDetector,
     TriggerReading,
     choose_delta,
@@ -31,25 +27,7 @@ def candidate(delta: int, q: float, v: float, n: int = 4, step: int = 100) -> Ca
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# EMA and the trigger's warning stage
-
-
-def test_ema_by_hand():
-    # decay 0.5: m0 = 1;  m1 = 0.5*1 + 0.5*3 = 2;  m2 = 0.5*2 + 0.5*5 = 3.5
-    ema = Ema(0.5)
-    assert ema.value is None
-    assert [ema.update(x) for x in (1.0, 3.0, 5.0)] == [1.0, 2.0, 3.5]
-    # decay 0.9: m0 = 10;  m1 = 0.9*10 + 0.1*0 = 9
-    ema = Ema(0.9)
-    ema.update(10.0)
-    assert ema.update(0.0) == pytest.approx(9.0)
-
-
-def test_ema_rejects_bad_input():
-    with pytest.raises(ValueError, match="decay"):
-        Ema(1.5)
-    with pytest.raises(ValueError, match="x"):
-        Ema(0.5).update(math.nan)
+# The trigger's warning stage
 
 
 def test_trigger_warning_by_hand():
@@ -115,76 +93,6 @@ def test_detector_rejects_bad_observations():
         detector.observe(5, 0.1, 1.0)
     with pytest.raises(ValueError, match="reward"):
         detector.observe(6, math.nan, 1.0)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Mistake pool
-
-
-def test_mistake_pool_by_hand():
-    pool = MistakePool(capacity=3, pass_rate_threshold=0.0)
-    assert pool.record(10, {"a": 0.0, "b": 0.5, "c": 0.0}) == ["a", "c"]  # b solved half its group: not a mistake
-    assert pool.record(12, {"d": 0.0, "a": 0.0}) == ["d", "a"]  # a failed again: its step moves to 12
-    assert pool.between(0, 100) == {"c": 10, "d": 12, "a": 12}
-    pool.record(15, {"e": 0.0})  # capacity 3: the oldest record (c at step 10) is evicted
-    assert len(pool) == 3
-    assert pool.between(0, 100) == {"d": 12, "a": 12, "e": 15}
-    assert pool.between(12, 15) == {"d": 12, "a": 12}  # [lo, hi)
-    assert pool.truncate(13) == 1  # rollback to 13 forgets e
-    assert pool.between(0, 100) == {"d": 12, "a": 12}
-    pool.record(13, {"f": 0.0})  # after the rollback, step 13 may be recorded again
-
-
-def test_mistake_pool_threshold_and_state_round_trip():
-    pool = MistakePool(capacity=10, pass_rate_threshold=0.25)
-    assert pool.record(1, {"a": 0.25, "b": 0.26, "c": 0.0}) == ["a", "c"]
-    restored = MistakePool(capacity=10, pass_rate_threshold=0.25)
-    restored.load_state_dict(pool.state_dict())
-    assert restored.between(0, 10) == pool.between(0, 10) == {"a": 1, "c": 1}
-
-
-def test_mistake_pool_rejects_bad_input():
-    with pytest.raises(ValueError, match="capacity"):
-        MistakePool(capacity=0)
-    with pytest.raises(ValueError, match="pass_rate_threshold"):
-        MistakePool(pass_rate_threshold=1.5)
-    pool = MistakePool()
-    pool.record(5, {"a": 0.0})
-    with pytest.raises(ValueError, match="step"):
-        pool.record(4, {"b": 0.0})
-    with pytest.raises(ValueError, match="step"):
-        pool.record(-1, {"b": 0.0})
-    with pytest.raises(ValueError, match="pass_rates"):
-        pool.record(6, {"b": math.nan})
-    with pytest.raises(ValueError, match="lo"):
-        pool.between(10, 5)
-
-
-@settings(max_examples=80, deadline=None)
-@given(
-    capacity=st.integers(1, 6),
-    threshold=st.sampled_from([0.0, 0.25, 0.5]),
-    steps=st.lists(
-        st.tuples(
-            st.integers(0, 3),
-            st.dictionaries(st.sampled_from([f"p{i}" for i in range(10)]), st.sampled_from([0.0, 0.25, 0.5, 1.0])),
-        ),
-        max_size=12,
-    ),
-)
-def test_mistake_pool_never_exceeds_capacity_and_keeps_the_newest(capacity, threshold, steps):
-    pool = MistakePool(capacity=capacity, pass_rate_threshold=threshold)
-    model: list[tuple[str, int]] = []  # (prompt, step), oldest first
-    step = 0
-    for gap, rates in steps:
-        step += gap
-        pool.record(step, rates)
-        for prompt, p_hat in rates.items():
-            if p_hat <= threshold:
-                model = [(p, s) for p, s in model if p != prompt] + [(prompt, step)]
-        model = model[-capacity:]  # the newest `capacity` failures survive
-        assert len(pool) <= capacity
-        assert list(pool.between(0, step + 1).items()) == model
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -13,67 +13,21 @@ import os
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read once, when deepspeed picks its accelerator
 pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install -e '.[deepspeed]')")
 
+from reference import GROUP_PROMPTS, PAD, mixed_groups, tiny_llama  # noqa: E402
+
 from npo.core.config import AlgoConfig, LossAggregation  # noqa: E402
-from npo.core.gate import build_mixed_groups  # noqa: E402
-from npo.core.types import Sample  # noqa: E402
-from npo.runtime.batch import build_batch, gather_responses, token_logprobs  # noqa: E402
-from npo.runtime.learner import TorchLearner, load_weights  # noqa: E402
-from services.learner.deepspeed_engine import DeepSpeedLearner, micro_batches, training_rows  # noqa: E402
+from npo.runtime.learner import TorchLearner, load_weights, micro_batches, training_rows  # noqa: E402
+from services.learner.deepspeed_engine import DeepSpeedLearner  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-VOCAB = 20
-PAD, BOS, EOS = 0, 1, 2
-PROMPTS = {"a": [BOS, 5, 6, 7], "b": [BOS, 9], "c": [BOS, 3, 4, 10, 11]}
+PROMPTS = GROUP_PROMPTS
 ALGO = AlgoConfig(group_size=4, tau_gate=0.6, is_correction=True)
-
-
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    """A random 2-layer Llama (vocab 20, hidden 32), float32."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=PAD,
-        bos_token_id=BOS,
-        eos_token_id=EOS,
-    )
-    return LlamaForCausalLM(config).float()
-
-
-def scored(model, prompt_id: str, responses: list[list[int]], rewards: list[float], shift: float = 0.0) -> list[Sample]:
-    """Samples whose behaviour log-probs are the model's own (plus `shift`, to make the ratios differ from 1)."""
-    batch = build_batch([PROMPTS[prompt_id]] * len(responses), responses, PAD)
-    with torch.no_grad():
-        logprobs, _ = token_logprobs(model, batch)
-    rows = gather_responses(logprobs, batch)
-    return [Sample(prompt_id, r, [v + shift for v in lp], reward=w) for r, lp, w in zip(responses, rows, rewards)]
-
-
-def mixed_groups(model, seed: int):
-    """Three groups of 4: 'a' all wrong (gated: its last slot becomes the guide), 'b' half right, 'c' all right
-    (above the gate: its guide is not inserted). Responses are random token strings of 1-6 tokens."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def response() -> list[int]:
-        n = int(torch.randint(1, 7, (1,), generator=gen))
-        return torch.randint(3, VOCAB, (n,), generator=gen).tolist()
-
-    rewards = {"a": [0.0, 0.0, 0.0, 0.0], "b": [1.0, 0.0, 1.0, 0.0], "c": [1.0, 1.0, 1.0, 1.0]}
-    groups = [scored(model, p, [response() for _ in range(4)], rewards[p], shift=-0.05) for p in PROMPTS]
-    guides = {p: scored(model, p, [response() + [EOS]], [1.0], shift=-0.3)[0] for p in ("a", "c")}
-    return build_mixed_groups(groups, guides, tau_gate=ALGO.tau_gate, correct_threshold=1.0, is_correction=True)
 
 
 def learner_kwargs(**overrides):

@@ -23,13 +23,11 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from reference import EARLY_BOOTSTRAP_SEGMENTS, GROUP_PROMPTS, PAD, mixed_groups, tiny_llama
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from npo.core.config import AlgoConfig
-from npo.core.gate import build_mixed_groups
-from npo.core.types import Problem, Sample
-from npo.runtime.batch import build_batch, gather_responses, token_logprobs
+from npo.core.types import Problem
 from npo.runtime.engine import SamplingParams, TransformersEngine
 from npo.runtime.learner import TorchLearner, load_weights
 from npo.runtime.models import ModelConfig, load_policy
@@ -48,52 +46,9 @@ if ON_DEVICE:
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not ON_DEVICE, reason="needs a CUDA device")]
 
-VOCAB = 20
-PAD, BOS, EOS = 0, 1, 2
-PROMPTS = {"a": [BOS, 5, 6, 7], "b": [BOS, 9], "c": [BOS, 3, 4, 10, 11]}
+PROMPTS = GROUP_PROMPTS
 ALGO = AlgoConfig(group_size=4, tau_gate=0.6, is_correction=True)
 LR = 1e-2
-
-
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    """A random 2-layer Llama (vocab 20, hidden 32), float32, on the CPU."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=PAD,
-        bos_token_id=BOS,
-        eos_token_id=EOS,
-    )
-    return LlamaForCausalLM(config).float()
-
-
-def scored(model, prompt_id: str, responses: list[list[int]], rewards: list[float], shift: float) -> list[Sample]:
-    """Samples whose behaviour log-probs are the model's own plus `shift` (importance ratios away from 1)."""
-    batch = build_batch([PROMPTS[prompt_id]] * len(responses), responses, PAD)
-    with torch.no_grad():
-        logprobs, _ = token_logprobs(model, batch)
-    rows = gather_responses(logprobs, batch)
-    return [Sample(prompt_id, r, [v + shift for v in lp], reward=w) for r, lp, w in zip(responses, rows, rewards)]
-
-
-def mixed_groups(model, seed: int):
-    """Three NPO groups of 4: 'a' all wrong (gated: its last slot becomes a guide), 'b' half right, 'c' all right."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def response() -> list[int]:
-        n = int(torch.randint(1, 7, (1,), generator=gen))
-        return torch.randint(3, VOCAB, (n,), generator=gen).tolist()
-
-    rewards = {"a": [0.0, 0.0, 0.0, 0.0], "b": [1.0, 0.0, 1.0, 0.0], "c": [1.0, 1.0, 1.0, 1.0]}
-    groups = [scored(model, p, [response() for _ in range(4)], rewards[p], shift=-0.05) for p in PROMPTS]
-    guides = {p: scored(model, p, [response() + [EOS]], [1.0], shift=-0.3)[0] for p in ("a", "c")}
-    return build_mixed_groups(groups, guides, tau_gate=ALGO.tau_gate, correct_threshold=1.0, is_correction=True)
 
 
 def kwargs_for_learner(**overrides):
@@ -349,16 +304,7 @@ def test_npo_run_of_the_tiny_preset_on_device(tmp_path, model_cache, engine):
     runner.train()
 
     rows = [json.loads(line) for line in (runner.out / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["step"], r["segment"]) for r in rows] == [
-        (0, "grpo"),
-        (1, "scout"),
-        (2, "scout"),
-        (1, "npo_replay"),
-        (2, "npo_replay"),
-        (3, "grpo"),
-        (4, "grpo"),
-        (5, "final"),
-    ]
+    assert [(r["step"], r["segment"]) for r in rows] == EARLY_BOOTSTRAP_SEGMENTS
     assert rows[-1]["optimizer_steps"] == 7  # 5 main-line steps + 2 scout steps
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["entropy"]) for r in rows[:-1])
     events = [json.loads(line) for line in (runner.out / "interventions.jsonl").read_text().splitlines()]

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from reference import TINY_CHAIN_SUM
 
 from npo.core.config import ConfigError
 from npo.runtime.models import load_policy, save_policy
@@ -14,14 +15,7 @@ from npo.runtime.tasks import COMPACT_ALPHABET, load_task
 BASE = [
     "seed=5",
     "model.warmup_steps=120",
-    "task.name=chain_sum",
-    "task.options={min_terms: 2, max_terms: 2, min_digits: 1, max_digits: 1}",
-    "task.train_size=60",
-    "task.test_size=20",
-    "train.prompts_per_step=6",
-    "train.lr=3e-4",
-    "algo.group_size=4",
-    "rollout.max_new_tokens=4",
+    *TINY_CHAIN_SUM,
     "eval.every=0",
     "checkpoint.every=2",
 ]
@@ -77,10 +71,10 @@ def test_past_replays_own_earlier_trajectories_and_forgets_the_future_on_rollbac
     steps = {r["step"]: r for r in rows(runner)}
     for guide in used:  # every guide is a verified trajectory the run itself sampled at an earlier step
         assert guide.reward == 1.0 and 0 <= guide.policy_step
-    assert all(g.policy_step < 14 for g in runner._past.values()) and runner._past
+    assert all(g.policy_step < 14 for g in runner.guide_source.kept.values()) and runner.guide_source.kept
     assert len(steps) == 15  # 14 steps + the final row
     runner.rollback(8)
-    assert runner._past and all(g.policy_step < 8 for g in runner._past.values())
+    assert runner.guide_source.kept and all(g.policy_step < 8 for g in runner.guide_source.kept.values())
 
 
 def test_past_equals_grpo_when_nothing_was_replayed_yet(tmp_path, model_cache):
@@ -112,7 +106,7 @@ def test_model_source_guides_come_from_the_guide_model(tmp_path, model_cache):
     assert sum(r.get("guide_slots", 0) for r in rows(runner)) > 0
     # the guide model's samples are counted as compute: 60 prompts x npo.guide_samples (8) on top of 3 x 6 x 4
     assert rows(runner)[-1]["samples_total"] == 3 * 6 * 4 + 60 * 8
-    assert all(s.policy_step == -1 for s in runner._model_guides.values())
+    assert all(s.policy_step == -1 for s in runner.guide_source.sampled.values())
 
 
 def test_missing_guide_model_is_a_clear_error(tmp_path, model_cache):

@@ -7,33 +7,20 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from reference import BOS, EOS, PAD, VOCAB
+from reference import tiny_llama as _tiny_llama
+from transformers import LlamaForCausalLM
 
 from npo.core.config import ConfigError
 from npo.runtime.batch import build_batch, gather_responses, left_pad, scatter_responses, token_logprobs
 from npo.runtime.engine import Generation, SamplingParams, TransformersEngine, sample_top_p
 
-VOCAB = 20
-PAD, BOS, EOS = 0, 1, 2
 PROMPTS = [[BOS, 5, 6, 7, 8], [BOS, 9], [BOS, 3, 4, 10]]
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    """A random 2-layer Llama (vocab 20, hidden 32), float32."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=PAD,
-        bos_token_id=BOS,
-        eos_token_id=EOS,
-    )
-    return LlamaForCausalLM(config).float()
+    """reference.tiny_llama with 128 positions."""
+    return _tiny_llama(seed, max_positions=128)
 
 
 def with_output_bias(model: LlamaForCausalLM, bias: torch.Tensor, *, flat: bool = False) -> LlamaForCausalLM:

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from reference import EARLY_BOOTSTRAP_NPO, EARLY_BOOTSTRAP_SEGMENTS, TINY_CHAIN_SUM
 
 from npo.runtime.models import load_policy
 from npo.runtime.run_config import load_run_config
@@ -29,14 +30,7 @@ def make(tmp_path, model_cache, *overrides, name="run", store=None, after_step=N
             "seed=3",
             f"model.cache_dir={model_cache}",
             "model.warmup_steps=120",
-            "task.name=chain_sum",
-            "task.options={min_terms: 2, max_terms: 2, min_digits: 1, max_digits: 1}",
-            "task.train_size=60",
-            "task.test_size=20",
-            "train.prompts_per_step=6",
-            "train.lr=3e-4",
-            "algo.group_size=4",
-            "rollout.max_new_tokens=4",
+            *TINY_CHAIN_SUM,
             "eval.every=2",
             "eval.num_prompts=12",
             "checkpoint.every=1",
@@ -93,9 +87,7 @@ def test_npo_early_bootstrap_scouts_rolls_back_and_replays(tmp_path, model_cache
     runner = make(
         tmp_path,
         model_cache,
-        "method=npo",
-        "train.steps=5",
-        "npo.early.at_step=1",
+        *EARLY_BOOTSTRAP_NPO,
         "npo.early.delta=2",
         "npo.guide_samples=16",
         "algo.tau_gate=1.0",  # gate every group that has a guide
@@ -103,16 +95,7 @@ def test_npo_early_bootstrap_scouts_rolls_back_and_replays(tmp_path, model_cache
     assert runner.cfg.npo.early.enabled  # a partial section keeps the default's enabled=true
     runner.train()
     rs = rows(runner)
-    assert [(r["step"], r["segment"]) for r in rs] == [
-        (0, "grpo"),
-        (1, "scout"),
-        (2, "scout"),
-        (1, "npo_replay"),
-        (2, "npo_replay"),
-        (3, "grpo"),
-        (4, "grpo"),
-        (5, "final"),
-    ]
+    assert [(r["step"], r["segment"]) for r in rs] == EARLY_BOOTSTRAP_SEGMENTS
     assert rs[-1]["optimizer_steps"] == 7  # 5 main-line steps + 2 scout steps
     ev = events(runner)
     assert [e["event"] for e in ev] == ["scout_start", "guides", "rollback"]
@@ -227,9 +210,7 @@ def test_retention_keeps_what_a_pending_intervention_needs(tmp_path, model_cache
     runner = make(
         tmp_path,
         model_cache,
-        "method=npo",
-        "train.steps=5",
-        "npo.early.at_step=1",
+        *EARLY_BOOTSTRAP_NPO,
         "npo.early.delta=3",
         "checkpoint.keep_last=1",
         "eval.every=0",
@@ -264,3 +245,49 @@ def test_npo_early_and_late_interventions(tmp_path, model_cache):
     segments = [(r["step"], r["segment"]) for r in rows(runner)]
     assert segments[-4:] == [(4, "npo_replay"), (5, "npo_replay"), (6, "grpo"), (7, "final")]
     assert rows(runner)[-1]["optimizer_steps"] == 11  # 7 main-line steps + two scouts of 2
+
+
+def test_probe_reads_samples_scores_and_decides_through_its_ports():
+    """npo.runtime.probe with fake ports: the ports' calls, K_hat per Delta, Delta* and the guides named."""
+    from npo.core.autonpo import AutoNPO, mean_token_kl
+    from npo.core.config import AutoNPOConfig
+    from npo.core.types import Problem, Sample
+    from npo.runtime.probe import ProbePorts, run_probe, unguarded
+
+    autonpo = AutoNPO(AutoNPOConfig(candidate_deltas=[2, 4], probe_samples=2, q_min=0.0, beta=1.0, window=3))
+    problems = {p: Problem(p, p, "1") for p in ("a", "b", "c")}
+    mistakes = {"a": 9, "b": 8, "c": 6}  # c failed before t - 2: only in B_4
+    calls = []
+
+    def sample(probed, n, step):
+        calls.append(("sample", [p.prompt_id for p in probed], n, step))
+        reward = {"a": 1.0, "b": 0.0, "c": 1.0}
+        return [[Sample(p.prompt_id, [3], [-0.5], reward[p.prompt_id] * i) for i in range(n)] for p in probed]
+
+    def score(step, prompts, responses):
+        calls.append(("score", step, len(prompts)))
+        return [[-0.5 - 0.1 * (10 - step)] for _ in responses]
+
+    ports = ProbePorts(
+        mistakes=lambda lo, hi: calls.append(("mistakes", lo, hi)) or {p: s for p, s in mistakes.items() if lo <= s},
+        sample=sample,
+        score=score,
+        encode=lambda problem: [1, ord(problem.prompt_id)],
+    )
+    result = run_probe(
+        unguarded(autonpo), 10, [0, 6, 8], ports, problems=problems, seed=0, correct_threshold=1.0, reading=None
+    )
+    assert calls == [("mistakes", 6, 10), ("sample", ["a", "b", "c"], 2, 10), ("score", 8, 6), ("score", 6, 6)]
+    assert result.reason is None and result.solved == {"a": True, "b": False, "c": True}
+    kl = {c.delta: c.kl for c in result.candidates}
+    assert kl[2] == mean_token_kl([[-0.5]] * 6, [[-0.7]] * 6) and kl[4] == mean_token_kl([[-0.5]] * 6, [[-0.9]] * 6)
+    assert result.decision is not None and result.decision.prompt_ids == tuple(p.prompt_id for p in result.guides)
+    assert all(g.reward == 1.0 for g in result.guides)
+
+    empty = run_probe(
+        unguarded(autonpo), 20, [16, 18], ProbePorts(lambda lo, hi: {}, sample, score, ports.encode),
+        problems=problems, seed=0, correct_threshold=1.0, reading=None,
+    )  # fmt: skip
+    assert empty.reason == "empty_pool" and autonpo.cooldown_until == 23
+    assert run_probe(unguarded(autonpo), 1, [0], ports, problems=problems, seed=0, correct_threshold=1.0,
+                     reading=None).reason == "no_candidates"  # fmt: skip

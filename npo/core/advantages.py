@@ -1,4 +1,4 @@
-"""Group-relative advantages (GRPO) over a possibly mixed group (docs/npo-method.md section 2, step 4)."""
+"""Group-relative advantages (GRPO) over a possibly mixed group (docs/method.md: group advantages)."""
 
 from __future__ import annotations
 

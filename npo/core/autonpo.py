@@ -1,8 +1,9 @@
-"""AutoNPO: when to intervene and how far to roll back (docs/npo-method.md section 4).
+"""AutoNPO: when to intervene and how far to roll back (docs/method.md: trigger, Delta*).
 
 Pure bookkeeping and decisions; the runtime (or the controller service) executes them:
 
-1. Mistake pool B: prompts whose on-policy pass rate was <= mistake_pass_rate, with the step they failed at.
+1. Mistake pool B (kept by the caller's guide store): prompts whose on-policy pass rate was <= mistake_pass_rate,
+   with the step they failed at.
    B_Delta = prompts failed in [t - Delta, t).
 2. Trigger stage (a), warning: the EMA of training reward gained < reward_gain_min over the last `window` steps AND
    the entropy EMA fell by >= entropy_drop_frac over the same window.
@@ -21,27 +22,11 @@ from __future__ import annotations
 
 import math
 import random
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 from npo.core.config import AutoNPOConfig
-
-
-class Ema:
-    """Exponential moving average: m_0 = x_0; m_k = decay * m_{k-1} + (1 - decay) * x_k."""
-
-    def __init__(self, decay: float):
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"decay: must lie in [0, 1], got {decay}")
-        self.decay = decay
-        self.value: float | None = None
-
-    def update(self, x: float) -> float:
-        if not math.isfinite(x):
-            raise ValueError(f"x: must be finite, got {x}")
-        self.value = x if self.value is None else self.decay * self.value + (1.0 - self.decay) * x
-        return self.value
+from npo.core.loss import kl_k1, kl_k3
 
 
 @dataclass(frozen=True)
@@ -115,59 +100,6 @@ class PlateauDetector:
             self.observe(int(step), float(reward), float(entropy))
 
 
-class MistakePool:
-    """B: prompts whose on-policy group failed, with the (latest) step they failed at; bounded, oldest evicted."""
-
-    def __init__(self, capacity: int = 4096, pass_rate_threshold: float = 0.0):
-        if capacity < 1:
-            raise ValueError(f"capacity: must be >= 1, got {capacity}")
-        if not 0.0 <= pass_rate_threshold <= 1.0:
-            raise ValueError(f"pass_rate_threshold: must lie in [0, 1], got {pass_rate_threshold}")
-        self.capacity = capacity
-        self.pass_rate_threshold = pass_rate_threshold
-        self._steps: OrderedDict[str, int] = OrderedDict()  # insertion order == step order
-
-    def __len__(self) -> int:
-        return len(self._steps)
-
-    def record(self, step: int, pass_rates: Mapping[str, float]) -> list[str]:
-        """Record the prompts of one step whose pass rate <= threshold; returns the recorded prompt ids."""
-        if step < 0:
-            raise ValueError(f"step: must be >= 0, got {step}")
-        if self._steps and step < next(reversed(self._steps.values())):
-            raise ValueError(f"step: {step} is older than the newest record; truncate the pool after a rollback")
-        recorded = []
-        for prompt_id, p_hat in pass_rates.items():
-            if not math.isfinite(p_hat):
-                raise ValueError(f"pass_rates: NaN or infinite for prompt {prompt_id!r}")
-            if p_hat <= self.pass_rate_threshold:
-                self._steps.pop(prompt_id, None)
-                self._steps[prompt_id] = step
-                recorded.append(prompt_id)
-        while len(self._steps) > self.capacity:
-            self._steps.popitem(last=False)
-        return recorded
-
-    def between(self, lo: int, hi: int) -> dict[str, int]:
-        """B restricted to failures at steps in [lo, hi): prompt_id -> step."""
-        if lo > hi:
-            raise ValueError(f"lo/hi: lo ({lo}) must be <= hi ({hi})")
-        return {p: s for p, s in self._steps.items() if lo <= s < hi}
-
-    def truncate(self, from_step: int) -> int:
-        """Forget failures recorded at steps >= from_step (rollback); returns how many were dropped."""
-        drop = [p for p, s in self._steps.items() if s >= from_step]
-        for p in drop:
-            del self._steps[p]
-        return len(drop)
-
-    def state_dict(self) -> dict:
-        return {"steps": list(self._steps.items())}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._steps = OrderedDict((str(p), int(s)) for p, s in state["steps"])
-
-
 @dataclass(frozen=True)
 class CandidateEstimate:
     """Q_hat, V_hat and S_hat of one rollback distance Delta."""
@@ -189,6 +121,7 @@ def mean_token_kl(
 
     Tokens are sampled from pi^(t); with d = log pi^(t-Delta) - log pi^(t):
         k1 = -d           k3 = exp(d) - d - 1
+    per token by npo.core.loss.kl_k1 / kl_k3 (the loss's estimators), summed in token order.
     Args:
         logp_current: per sequence, per token log pi^(t).
         logp_past: the same tokens' log pi^(t-Delta).
@@ -197,13 +130,13 @@ def mean_token_kl(
         raise ValueError(f"logp_past: {len(logp_past)} sequences for {len(logp_current)} in logp_current")
     if estimator not in ("k1", "k3"):
         raise ValueError(f"estimator: must be 'k1' or 'k3', got {estimator!r}")
+    per_token = kl_k1 if estimator == "k1" else kl_k3
     total, count = 0.0, 0
     for i, (cur, past) in enumerate(zip(logp_current, logp_past)):
         if len(cur) != len(past):
             raise ValueError(f"logp_past[{i}]: {len(past)} tokens, logp_current[{i}] has {len(cur)}")
         for a, b in zip(cur, past):
-            d = b - a
-            total += -d if estimator == "k1" else math.expm1(d) - d
+            total += per_token(a, b)
             count += 1
     if count == 0:
         raise ValueError("logp_current: no tokens to estimate the KL from")

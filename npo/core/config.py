@@ -1,6 +1,6 @@
 """Configuration: dataclasses with one docstring per field, loaded from one YAML file.
 
-Every value the paper leaves open (see docs/npo-method.md, marked [ours]) is a named field here with a documented
+Every value the paper leaves open (see docs/method.md; `npo config` prints each) is a named field here with a documented
 default. Unknown keys are errors that name the key and the closest valid one, before any compute.
 
     cfg = load_config("configs/tiny.yaml", overrides=["train.steps=50", "method=grpo"])
@@ -43,7 +43,7 @@ class LossAggregation(enum.StrEnum):
 
 @dataclass
 class AlgoConfig:
-    """GRPO and the NPO step (docs/npo-method.md section 2)."""
+    """GRPO and the NPO step (docs/method.md: advantages, gate, loss)."""
 
     group_size: int = 8
     """n: samples per prompt in one group (paper setting: 8)."""
@@ -72,7 +72,7 @@ class AlgoConfig:
 
 @dataclass
 class AutoNPOConfig:
-    """AutoNPO's trigger, Delta choice and cool-down (docs/npo-method.md section 4)."""
+    """AutoNPO's trigger, Delta choice and cool-down (docs/method.md: trigger, Delta*)."""
 
     ema_decay: float = 0.9
     """Decay of the exponential moving averages of training reward and entropy."""
@@ -296,7 +296,9 @@ def _check_range(key: str, value: float, lo: float | None = None, hi: float | No
 
 def _validate_algo(c: AlgoConfig, p: str = "algo.") -> None:
     _check_range(p + "group_size", c.group_size, 2)
-    _check_range(p + "tau_gate", c.tau_gate, 0.0, 1.0)
+    _check_range(
+        p + "tau_gate", c.tau_gate, 0.0, 1.0
+    )  # the schema's range rule; npo.core.gate.check_tau_gate at run time
     _check_range(p + "eps_low", c.eps_low, 0.0, 1.0)
     _check_range(p + "eps_high", c.eps_high, 0.0)
     _check_range(p + "adv_eps", c.adv_eps, 0.0)

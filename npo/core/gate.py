@@ -1,4 +1,4 @@
-"""The NPO gate and slot replacement (docs/npo-method.md section 2, steps 2-3 and 5-6).
+"""The NPO gate and slot replacement (docs/method.md: gate, behaviour log-probs).
 
 A group of n on-policy samples for prompt x keeps all its slots unless
 
@@ -63,11 +63,16 @@ def first_correct(groups: Sequence[Sequence[Sample]], correct_threshold: float) 
         s.reward >= correct_threshold for s in g)]  # fmt: skip
 
 
+def check_tau_gate(tau_gate: float, key: str = "tau_gate", error: type[ValueError] = ValueError) -> float:
+    """The gate threshold's range, 0 <= tau_gate <= 1 (NaN refused); raises `error` naming `key`."""
+    if not 0.0 <= tau_gate <= 1.0:
+        raise error(f"{key}: must lie in [0, 1], got {tau_gate}")
+    return tau_gate
+
+
 def should_replace(pass_rate: float, tau_gate: float) -> bool:
     """The gate: replace slot n when p_hat <= tau_gate."""
-    if not 0.0 <= tau_gate <= 1.0:
-        raise ValueError(f"tau_gate: must lie in [0, 1], got {tau_gate}")
-    return pass_rate <= tau_gate
+    return pass_rate <= check_tau_gate(tau_gate)
 
 
 def is_verified_guide(guide: Sample | None, prompt_id: str, correct_threshold: float) -> bool:
@@ -104,8 +109,7 @@ def build_mixed_groups(
     Returns:
         G MixedGroups in input order. Groups above the gate are returned unchanged.
     """
-    if not 0.0 <= tau_gate <= 1.0 or tau_gate != tau_gate:
-        raise ValueError(f"tau_gate: must lie in [0, 1], got {tau_gate}")
+    check_tau_gate(tau_gate)
     sizes = {len(g) for g in groups}
     if len(sizes) > 1:
         raise ValueError(f"groups: all groups must have the same size n, got sizes {sorted(sizes)}")

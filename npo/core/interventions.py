@@ -1,4 +1,4 @@
-"""Interventions as pure plans (docs/npo-method.md sections 3 and 4). The runtime only executes plans.
+"""Interventions as pure plans (docs/method.md: manual plans, AutoNPO timing). The runtime only executes plans.
 
 Every intervention has the same shape:
 

@@ -1,6 +1,6 @@
 """The policy loss over mixed groups: GRPO's clipped surrogate with per-slot behaviour log-probs.
 
-docs/npo-method.md section 2, step 5:
+docs/method.md, loss:
 
     L = -(1/n) sum_i (1/|o_i|) sum_t min(r_it * A_i, clip(r_it, 1 - eps_low, 1 + eps_high) * A_i)
     r_it = pi_theta(o_it | x, o_i,<t) / q_i(o_it | x, o_i,<t)
@@ -10,6 +10,9 @@ caller passes q_i as `behaviour_logprobs` (see npo.core.gate). All functions are
 """
 
 from __future__ import annotations
+
+import math
+from typing import Any
 
 import torch
 
@@ -54,26 +57,81 @@ def aggregate(
     return (masked.sum(dim=-1) / norm).mean() if values.shape[0] > 0 else masked.sum()
 
 
-def kl_k1(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """Per-token k1 estimator of KL(p || q) from samples of p:  k1 = log p - log q.  Shapes: (...) -> (...)."""
-    _check_same_shape(logp=logp, logq=logq)
+def kl_k1(logp: Any, logq: Any) -> Any:
+    """Per-token k1 estimator of KL(p || q) from samples of p:  k1 = log p - log q.
+
+    Shapes: (...) -> (...), or two floats -> a float (AutoNPO's K_hat sums it token by token)."""
+    if isinstance(logp, torch.Tensor):
+        _check_same_shape(logp=logp, logq=logq)
     return logp - logq
 
 
-def kl_k3(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+def kl_k3(logp: Any, logq: Any) -> Any:
     """Per-token k3 estimator of KL(p || q) from samples of p:  k3 = q/p - log(q/p) - 1  (>= 0, unbiased, low variance).
 
-    Shapes: (...) -> (...). Computed in log space: with d = log q - log p, k3 = exp(d) - d - 1.
+    Shapes: (...) -> (...), or two floats -> a float (AutoNPO's K_hat sums it token by token). Computed in log
+    space: with d = log q - log p, k3 = exp(d) - d - 1 = expm1(d) - d.
     """
-    _check_same_shape(logp=logp, logq=logq)
+    if isinstance(logp, torch.Tensor):
+        _check_same_shape(logp=logp, logq=logq)
     d = logq - logp
-    return torch.expm1(d) - d
+    return (torch.expm1(d) if isinstance(d, torch.Tensor) else math.expm1(d)) - d
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """H = -sum_v p_v log p_v with p = softmax(logits).  Shapes: (..., V) -> (...)."""
     probs = torch.softmax(logits.float(), dim=-1)
     return torch.special.entr(probs).sum(dim=-1)  # entr(p) = -p log p, and 0 where p = 0
+
+
+def _checked_inputs(
+    logprobs: torch.Tensor,
+    behaviour_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    is_guide: torch.Tensor | None,
+    eps_low: float,
+    eps_high: float,
+) -> torch.Tensor:
+    """policy_loss's shape and range checks; returns is_guide (B,), all False when None."""
+    if logprobs.dim() != 2:
+        raise ValueError(f"logprobs: expected shape (B, T), got {tuple(logprobs.shape)}")
+    _check_same_shape(logprobs=logprobs, behaviour_logprobs=behaviour_logprobs, mask=mask)
+    batch = logprobs.shape[0]
+    if advantages.shape != (batch,):
+        raise ValueError(f"advantages: expected shape ({batch},), got {tuple(advantages.shape)}")
+    if is_guide is None:
+        is_guide = torch.zeros(batch, dtype=torch.bool, device=logprobs.device)
+    if is_guide.shape != (batch,):
+        raise ValueError(f"is_guide: expected shape ({batch},), got {tuple(is_guide.shape)}")
+    if eps_low < 0 or eps_high < 0:
+        raise ValueError(f"eps_low/eps_high: must be >= 0, got {eps_low}/{eps_high}")
+    if not torch.isfinite(advantages).all():
+        raise ValueError("advantages: contains NaN or infinite values")
+    return is_guide
+
+
+def _ratio_metrics(
+    valid: torch.Tensor,
+    clipped: torch.Tensor,
+    is_guide: torch.Tensor,
+    ratio: torch.Tensor,
+    behaviour_logprobs: torch.Tensor,
+    logprobs: torch.Tensor,
+) -> dict[str, float]:
+    """Clip fractions (all, on-policy, guide tokens), guide share, approx_kl = mean k3(q, pi_theta) and the mean
+    ratio over valid tokens. valid, clipped, ratio, logprobs: (B, T); is_guide: (B,)."""
+    guide_tokens = valid & is_guide.unsqueeze(-1)
+    onpolicy_tokens = valid & ~is_guide.unsqueeze(-1)
+    n_valid = valid.sum().clamp(min=1)
+    return {
+        "clip_frac": float(clipped.sum() / n_valid),
+        "clip_frac_onpolicy": float(clipped[onpolicy_tokens].float().mean()) if onpolicy_tokens.any() else 0.0,
+        "clip_frac_guide": float(clipped[guide_tokens].float().mean()) if guide_tokens.any() else 0.0,
+        "guide_share": float(is_guide.float().mean()) if is_guide.shape[0] else 0.0,
+        "approx_kl": float(torch.where(valid, kl_k3(behaviour_logprobs, logprobs), 0.0).sum() / n_valid),
+        "ratio_mean": float(torch.where(valid, ratio, 0.0).sum() / n_valid),
+    }
 
 
 def policy_loss(
@@ -114,21 +172,7 @@ def policy_loss(
         (fraction of sequences that are guides), approx_kl (mean k3 of KL(q || pi_theta) over valid tokens),
         ratio_mean, and entropy / ref_kl when given.
     """
-    if logprobs.dim() != 2:
-        raise ValueError(f"logprobs: expected shape (B, T), got {tuple(logprobs.shape)}")
-    _check_same_shape(logprobs=logprobs, behaviour_logprobs=behaviour_logprobs, mask=mask)
-    batch = logprobs.shape[0]
-    if advantages.shape != (batch,):
-        raise ValueError(f"advantages: expected shape ({batch},), got {tuple(advantages.shape)}")
-    if is_guide is None:
-        is_guide = torch.zeros(batch, dtype=torch.bool, device=logprobs.device)
-    if is_guide.shape != (batch,):
-        raise ValueError(f"is_guide: expected shape ({batch},), got {tuple(is_guide.shape)}")
-    if eps_low < 0 or eps_high < 0:
-        raise ValueError(f"eps_low/eps_high: must be >= 0, got {eps_low}/{eps_high}")
-    if not torch.isfinite(advantages).all():
-        raise ValueError("advantages: contains NaN or infinite values")
-
+    is_guide = _checked_inputs(logprobs, behaviour_logprobs, advantages, mask, is_guide, eps_low, eps_high)
     valid = mask.bool()  # (B, T)
     log_ratio = torch.where(valid, logprobs - behaviour_logprobs.detach(), torch.zeros_like(logprobs))  # (B, T)
     ratio = torch.exp(log_ratio)  # (B, T)
@@ -141,17 +185,7 @@ def policy_loss(
 
     with torch.no_grad():
         clipped = (surr_clipped < surr_unclipped) & valid  # the clipped branch is active: no gradient through r
-        guide_tokens = valid & is_guide.unsqueeze(-1)
-        onpolicy_tokens = valid & ~is_guide.unsqueeze(-1)
-        n_valid = valid.sum().clamp(min=1)
-        metrics = {
-            "clip_frac": float(clipped.sum() / n_valid),
-            "clip_frac_onpolicy": float(clipped[onpolicy_tokens].float().mean()) if onpolicy_tokens.any() else 0.0,
-            "clip_frac_guide": float(clipped[guide_tokens].float().mean()) if guide_tokens.any() else 0.0,
-            "guide_share": float(is_guide.float().mean()) if batch else 0.0,
-            "approx_kl": float(torch.where(valid, kl_k3(behaviour_logprobs, logprobs), 0.0).sum() / n_valid),
-            "ratio_mean": float(torch.where(valid, ratio, 0.0).sum() / n_valid),
-        }
+        metrics = _ratio_metrics(valid, clipped, is_guide, ratio, behaviour_logprobs, logprobs)
 
     if entropy_coef > 0.0:
         if entropy is None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,22 +151,28 @@ def micro_batch_loss(
     return MicroBatchLoss(loss, metrics, float(entropy.detach()[onpolicy].sum()), int(onpolicy.sum()))
 
 
-def step_metrics(
-    weighted: Mapping[str, float],
-    entropy_sum: float,
-    entropy_tokens: int,
-    grad_norm: float,
-    groups: Sequence[MixedGroup],
-    seconds: float,
-) -> dict[str, float]:
+@dataclass
+class Accumulated:
+    """One step's micro-batches after their backward passes: what the step's metrics need."""
+
+    weighted: dict[str, float]
+    """sum_k w_k * metric_k of policy_loss's metrics (entropy excepted): the full batch's values."""
+    entropy_sum: float
+    """Sum of the per-token entropy over on-policy response tokens."""
+    entropy_tokens: int
+    """Number of on-policy response tokens."""
+
+
+def step_metrics(acc: Accumulated, grad_norm: float, groups: Sequence[MixedGroup], seconds: float) -> dict[str, float]:
     """The learner's metrics row: weighted sums of the micro-batch metrics (= full-batch values), on-policy token
-    entropy, pre-clip gradient norm, guide slots used and wall time; the same keys as TorchLearner.train_step."""
+    entropy, pre-clip gradient norm, guide slots used and wall time; the same keys for every learner engine."""
+    weighted = acc.weighted
     return {
         "loss": weighted.get("pg_loss", 0.0),
         "clip_frac": weighted.get("clip_frac", 0.0),
         "clip_frac_guide": weighted.get("clip_frac_guide", 0.0),
         "approx_kl": weighted.get("approx_kl", 0.0),
-        "entropy": entropy_sum / max(entropy_tokens, 1),
+        "entropy": acc.entropy_sum / max(acc.entropy_tokens, 1),
         "grad_norm": float(grad_norm),
         "guide_slots": int(sum(g.replaced for g in groups)),
         "train_seconds": seconds,
@@ -188,8 +194,9 @@ def load_weights(model: torch.nn.Module, folder: str | Path) -> None:
         )
 
 
-class TorchLearner:
-    """Plain-torch learner: AdamW, gradient clipping, micro-batches with accumulation, fp32 or bf16 autocast."""
+class MicroBatchLearner:
+    """What every learner engine shares: the step's settings, AdamW over the model's parameters, the frozen reference
+    model of the KL term (kl_coef > 0), and the micro-batch accumulation of one step (`accumulate`)."""
 
     def __init__(
         self,
@@ -223,6 +230,44 @@ class TorchLearner:
             for p in self.reference.parameters():
                 p.requires_grad_(False)
 
+    def accumulate(
+        self,
+        forward: torch.nn.Module,
+        groups: Sequence[MixedGroup],
+        prompt_ids: Mapping[str, list[int]],
+        backward: Callable[[torch.Tensor], None],
+        begin: Callable[[bool], None] | None = None,
+    ) -> Accumulated:
+        """Gradients of the whole batch's loss, micro-batch by micro-batch: for k = 1..K, begin(k == K) (the engine's
+        accumulation boundary), L_k = micro_batch_loss under `forward`, backward(w_k * L_k)."""
+        rows = training_rows(groups, prompt_ids, self.algo)
+        chunks = micro_batches(rows, self.micro_batch_size, LossAggregation(self.algo.loss_aggregation))
+        acc = Accumulated({}, 0.0, 0)
+        for index, (chunk, weight) in enumerate(chunks):
+            if begin is not None:
+                begin(index == len(chunks) - 1)
+            part = micro_batch_loss(
+                forward,
+                chunk,
+                pad_id=self.pad_id,
+                algo=self.algo,
+                temperature=self.temperature,
+                max_len=self.max_len,
+                autocast=self.autocast,
+                reference=self.reference,
+            )
+            backward(part.loss * weight)
+            for key, value in part.metrics.items():
+                if key != "entropy":
+                    acc.weighted[key] = acc.weighted.get(key, 0.0) + value * weight
+            acc.entropy_sum += part.entropy_sum
+            acc.entropy_tokens += part.entropy_tokens
+        return acc
+
+
+class TorchLearner(MicroBatchLearner):
+    """Plain-torch learner: AdamW, gradient clipping, micro-batches with accumulation, fp32 or bf16 autocast."""
+
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict()}
 
@@ -232,32 +277,11 @@ class TorchLearner:
     def train_step(self, groups: Sequence[MixedGroup], prompt_ids: Mapping[str, list[int]]) -> dict[str, float]:
         """One optimizer step on G mixed groups; returns metrics (loss, clip fractions, entropy, grad_norm, ...)."""
         start = time.perf_counter()
-        rows = training_rows(groups, prompt_ids, self.algo)
-        chunks = micro_batches(rows, self.micro_batch_size, LossAggregation(self.algo.loss_aggregation))
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        weighted: dict[str, float] = {}
-        entropy_sum, entropy_tokens = 0.0, 0
-        for chunk, weight in chunks:
-            part = micro_batch_loss(
-                self.model,
-                chunk,
-                pad_id=self.pad_id,
-                algo=self.algo,
-                temperature=self.temperature,
-                max_len=self.max_len,
-                autocast=self.autocast,
-                reference=self.reference,
-            )
-            (part.loss * weight).backward()
-            for key, value in part.metrics.items():
-                if key != "entropy":
-                    weighted[key] = weighted.get(key, 0.0) + value * weight
-            entropy_sum += part.entropy_sum
-            entropy_tokens += part.entropy_tokens
+        acc = self.accumulate(self.model, groups, prompt_ids, backward=lambda loss: loss.backward())
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        seconds = time.perf_counter() - start
-        return step_metrics(weighted, entropy_sum, entropy_tokens, float(grad_norm), groups, seconds)
+        return step_metrics(acc, float(grad_norm), groups, time.perf_counter() - start)

@@ -127,7 +127,7 @@ class ControllerConfig:
 
 @dataclass
 class InterventionConfig:
-    """One manual NPO intervention (docs/npo-method.md section 3)."""
+    """One manual NPO intervention (docs/method.md: manual plans)."""
 
     enabled: bool = False
     """Run this intervention."""
@@ -157,7 +157,7 @@ MODEL_SOURCES = ("far_future", "external")
 
 @dataclass
 class GuideConfig:
-    """Where the guide slot's trajectory comes from (docs/npo-method.md section 5: the quality/variance trade-off)."""
+    """Where the guide slot's trajectory comes from (docs/method.md: guide sources, the quality/variance trade-off)."""
 
     source: str = "auto"
     """near_future: pi^(t+Delta) of this run, reached by scouting ahead (NPO; method npo or autonpo). past: the run's

@@ -3,11 +3,13 @@
 The runner drives the data path of one step (docs/architecture.md):
 
     prompts (data cursor = step) -> rollout.generate(n) -> verify -> p_hat -> mistakes to the pool
-    -> [NPO segment] guides from the cache for gated prompts -> mixed groups -> learner.train_step -> metrics
+    -> guides for gated prompts (npo.runtime.guides: the NPO segment's cache, or the configured source)
+    -> mixed groups -> learner.train_step -> metrics
 
 and executes interventions, which are pure plans (npo.core.interventions) or AutoNPO decisions (npo.core.autonpo):
 scout (plain training), generate + verify guides with the guide checkpoint, cache them, roll back (weights,
-optimizer, RNG, data cursor), replay the segment with NPO.
+optimizer, RNG, data cursor), replay the segment with NPO. AutoNPO's probe is npo.runtime.probe, run here with this
+process's ports (the service-mode controller runs the same probe with its clients).
 
 Randomness: every random draw derives its seed from (run seed, purpose, step): the rollout of step t always uses
 the same seed, evaluation has its own stream, and the data order is a function of the step. So a rollback needs no
@@ -35,7 +37,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from npo.core.autonpo import AutoNPO, mean_token_kl
+from npo.core.autonpo import AutoNPO
 from npo.core.config import Method
 from npo.core.gate import build_mixed_groups, first_correct, group_pass_rate
 from npo.core.interventions import (
@@ -48,9 +50,12 @@ from npo.core.seeds import derive_seed
 from npo.core.types import Problem, Sample
 from npo.runtime.checkpoint import CheckpointManager, rng_state, set_rng_state
 from npo.runtime.engine import RolloutEngine, SamplingParams, TransformersEngine
+from npo.runtime.guides import NearFutureGuides, make_guide_source
 from npo.runtime.learner import TorchLearner, load_weights
-from npo.runtime.run_config import MODEL_SOURCES, RunConfig, run_config_to_dict
+from npo.runtime.probe import ProbePorts, run_probe, unguarded
+from npo.runtime.run_config import RunConfig, run_config_to_dict
 from npo.runtime.store import GuideStore, sample_from_json, sample_to_json
+from npo.runtime.verify import verify_groups
 
 
 class PolicyLike(Protocol):
@@ -204,9 +209,14 @@ class Runner:
         self._last_reading = None
         self._pending_eval: dict[str, Any] = {}
         self._tb = None
-        self.guide_source = cfg.guide.resolved(cfg.method)
-        self._past: dict[str, Sample] = {}  # guide.source past: prompt -> newest verified trajectory
-        self._model_guides: dict[str, Sample] | None = None  # far_future / external: prompt -> guide
+        self.guide_source = make_guide_source(cfg, policy, task.train, self._verify, self._record)
+        self._near_future = NearFutureGuides(store, self.run, lambda: self.segment.guide_step)
+        self._probe_ports = ProbePorts(
+            mistakes=lambda lo, hi: self.store.get_mistakes(self.run, lo, hi),
+            sample=self._probe_sample,
+            score=self._score_under,
+            encode=policy.encode_prompt,
+        )
         if cfg.method is Method.NPO:
             for name, make in (("early", early_bootstrap_plan), ("late", plateau_breakthrough_plan)):
                 iv = getattr(cfg.npo, name)
@@ -296,79 +306,76 @@ class Runner:
     # ------------------------------------------------------------------------------------------------------------
     # One step.
 
-    def _rollout_params(self) -> SamplingParams:
-        return self.cfg.rollout
-
     def _verify(self, problems: Sequence[Problem], generations, policy_step: int) -> list[list[Sample]]:
-        decode = self.policy.tokenizer.decode
-        groups = []
-        for problem, gens in zip(problems, generations):
-            group = []
-            for g in gens:
-                text = decode(g.token_ids, skip_special_tokens=True)
-                reward = float(self.task.reward(problem, text)) if g.finished else 0.0
-                group.append(
-                    Sample(
-                        problem.prompt_id, list(g.token_ids), list(g.logprobs), reward, text, policy_step, g.finished
-                    )
-                )
-            groups.append(group)
+        """verify_groups with the policy's tokenizer and the task's reward; counted in samples_total."""
+        groups = verify_groups(problems, generations, self._decode, self.task.reward, policy_step)
         self.samples_total += sum(len(g) for g in generations)
         return groups
+
+    def _decode(self, token_ids: list[int]) -> str:
+        return self.policy.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def _sample(self, problems: Sequence[Problem], prompts: list[list[int]], n: int, seed: int, policy_step: int):
+        """n verified responses per problem of the current policy pi^(policy_step), with the rollout's sampling."""
+        self.sync_weights()
+        gens = self.engine.generate(prompts, n, self.cfg.rollout, seed=seed)
+        return self._verify(problems, gens, policy_step)
 
     def _train_one_step(self) -> dict[str, Any]:
         cfg, t = self.cfg, self.step
         started = time.perf_counter()
-        self.sync_weights()
         problems = self.sampler.batch(t)
         prompt_ids = {p.prompt_id: self.policy.encode_prompt(p) for p in problems}
-        gens = self.engine.generate(
-            [prompt_ids[p.prompt_id] for p in problems],
-            cfg.algo.group_size,
-            self._rollout_params(),
-            seed=derive_seed(cfg.seed, "rollout", t),
-        )
-        groups = self._verify(problems, gens, t)
+        prompts = [prompt_ids[p.prompt_id] for p in problems]
+        groups = self._sample(problems, prompts, cfg.algo.group_size, derive_seed(cfg.seed, "rollout", t), t)
         gen_seconds = time.perf_counter() - started
-        thr = cfg.algo.correct_threshold
-        pass_rates = {g[0].prompt_id: group_pass_rate(g, thr) for g in groups}
-        failed = [p for p, r in pass_rates.items() if r <= cfg.autonpo.mistake_pass_rate]
-        if failed:
-            self.store.record_mistakes(self.run, t, failed)
-
-        guides: dict[str, Sample] = {}
+        pass_rates = self._pass_rates(t, groups)
         tau_gate, is_correction = self.segment.gate(cfg.algo)
-        gated = [p for p, r in pass_rates.items() if r <= tau_gate]
-        if self.segment.npo and gated:
-            guides = self.store.get_guides(self.run, self.segment.guide_step, gated)
-        elif self.guide_source == "past":
-            oldest = t - cfg.guide.past_max_age if cfg.guide.past_max_age else 0
-            guides = {p: self._past[p] for p in gated if p in self._past and self._past[p].policy_step >= oldest}
-        elif self.guide_source in MODEL_SOURCES:
-            model_guides = self._guide_model_guides()
-            guides = {p: model_guides[p] for p in gated if p in model_guides}
-        if self.guide_source == "past":
-            for sample in first_correct(groups, thr):
-                self._past[sample.prompt_id] = sample
-
-        def rollout_logprobs(guide_samples: list[Sample]) -> list[list[float]]:
-            return self.engine.score(
-                [prompt_ids[s.prompt_id] for s in guide_samples],
-                [s.response_ids for s in guide_samples],
-                temperature=cfg.rollout.temperature,
-            )
-
+        guides = self._step_guides(t, [p for p, r in pass_rates.items() if r <= tau_gate])
+        self.guide_source.observe(groups, cfg.algo.correct_threshold)
         mixed = build_mixed_groups(
             groups,
             guides,
             tau_gate=tau_gate,
-            correct_threshold=thr,
+            correct_threshold=cfg.algo.correct_threshold,
             is_correction=is_correction,
-            rollout_logprobs=rollout_logprobs,
+            rollout_logprobs=lambda samples: self._score_now(prompt_ids, samples),
         )
         metrics = self.learner.train_step(mixed, prompt_ids)
         self._weights_changed = True
         self.optimizer_steps += 1
+        row = self._step_row(t, groups, pass_rates, tau_gate, gen_seconds, metrics)
+        self._write_row(row)
+        if cfg.method is Method.AUTONPO and math.isfinite(row["entropy"]):
+            self._last_reading = self.autonpo.observe(t, row["reward_mean"], row["entropy"])
+        if self.segment.end == t + 1:
+            self.segment = Segment("grpo")
+        return row
+
+    def _pass_rates(self, t: int, groups: list[list[Sample]]) -> dict[str, float]:
+        """p_hat per prompt; prompts with p_hat <= autonpo.mistake_pass_rate go to the mistake pool at step t."""
+        thr = self.cfg.algo.correct_threshold
+        pass_rates = {g[0].prompt_id: group_pass_rate(g, thr) for g in groups}
+        failed = [p for p, r in pass_rates.items() if r <= self.cfg.autonpo.mistake_pass_rate]
+        if failed:
+            self.store.record_mistakes(self.run, t, failed)
+        return pass_rates
+
+    def _step_guides(self, t: int, gated: list[str]) -> dict[str, Sample]:
+        """The gated prompts' guides: an NPO segment's cached ones, else the configured source's."""
+        source = self._near_future if self.segment.npo and gated else self.guide_source
+        return source.guides(t, gated)
+
+    def _score_now(self, prompt_ids: dict[str, list[int]], samples: list[Sample]) -> list[list[float]]:
+        """pi^(t)'s log-probs of guide tokens (the guide slot's behaviour log-probs when IS correction is off)."""
+        return self.engine.score(
+            [prompt_ids[s.prompt_id] for s in samples],
+            [s.response_ids for s in samples],
+            temperature=self.cfg.rollout.temperature,
+        )
+
+    def _step_row(self, t, groups, pass_rates, tau_gate, gen_seconds, metrics) -> dict[str, Any]:
+        """Row `step: t` of metrics.jsonl: pi^(t)'s rollout statistics, the learner's metrics, counters, eval."""
         onpolicy = [s for g in groups for s in g]
         row: dict[str, Any] = {
             "step": t,
@@ -388,12 +395,7 @@ class Runner:
         if self.publish is not None:
             row["weight_sync_seconds"] = self._sync_seconds
             self._sync_seconds = 0.0
-        row["wall_time"] = self.wall_offset + time.perf_counter() - self._start
-        self._write_row(row)
-        if cfg.method is Method.AUTONPO and math.isfinite(row["entropy"]):
-            self._last_reading = self.autonpo.observe(t, row["reward_mean"], row["entropy"])
-        if self.segment.end == t + 1:
-            self.segment = Segment("grpo")
+        row["wall_time"] = self._wall_time()
         return row
 
     # ------------------------------------------------------------------------------------------------------------
@@ -419,35 +421,21 @@ class Runner:
 
     def _advance_plan(self, entry: dict[str, Any], t: int) -> None:
         plan: InterventionPlan = entry["plan"]
+        kind = plan.kind.value
         if entry["phase"] == "pending" and plan.scout_from is not None and t == plan.scout_from:
             entry["phase"] = "scouting"
             self.segment = Segment("scout")
-            self._record({"kind": plan.kind.value, "event": "scout_start", "step": t, "plan": plan.to_dict()})
+            self._record({"kind": kind, "event": "scout_start", "step": t, "plan": plan.to_dict()})
         if entry["phase"] == "scouting" and t == plan.guide_step:
             prompts = {p.prompt_id: p for s in plan.replay_range() for p in self.sampler.batch(s)}
             found = self._make_guides(list(prompts.values()), plan.guide_step)
-            self._record(
-                {
-                    "kind": plan.kind.value,
-                    "event": "guides",
-                    "step": t,
-                    "guide_step": plan.guide_step,
-                    "prompts": len(prompts),
-                    "guides": found,
-                }
-            )
+            event = {"kind": kind, "event": "guides", "step": t, "guide_step": plan.guide_step}
+            self._record({**event, "prompts": len(prompts), "guides": found})
             self._rollback(plan.rollback_step)
             entry["phase"] = "replaying"
             self.segment = Segment("npo_replay", True, plan.guide_step, plan.replay_end)
-            self._record(
-                {
-                    "kind": plan.kind.value,
-                    "event": "rollback",
-                    "step": t,
-                    "to_step": plan.rollback_step,
-                    "replay_steps": plan.replay_steps,
-                }
-            )
+            event = {"kind": kind, "event": "rollback", "step": t, "to_step": plan.rollback_step}
+            self._record({**event, "replay_steps": plan.replay_steps})
         elif entry["phase"] == "replaying" and self.step >= plan.replay_end:
             entry["phase"] = "done"
 
@@ -455,121 +443,61 @@ class Runner:
         """Sample guide_samples responses per prompt with the current policy pi^(guide_step); cache the first
         verified-correct one of each prompt. Returns the number of prompts with a guide."""
         cfg = self.cfg
-        self.sync_weights()
-        prompt_ids = [self.policy.encode_prompt(p) for p in problems]
-        gens = self.engine.generate(
-            prompt_ids, cfg.npo.guide_samples, self._rollout_params(), seed=derive_seed(cfg.seed, "guides", guide_step)
-        )
-        groups = self._verify(problems, gens, guide_step)
+        prompts = [self.policy.encode_prompt(p) for p in problems]
+        seed = derive_seed(cfg.seed, "guides", guide_step)
+        groups = self._sample(problems, prompts, cfg.npo.guide_samples, seed, guide_step)
         guides = first_correct(groups, cfg.algo.correct_threshold)
         if guides:
             self.store.put_guides(self.run, guide_step, guides)
         return len(guides)
 
-    def _guide_model_guides(self) -> dict[str, Sample]:
-        """guide.source far_future / external: guide.model's first verified-correct sample of npo.guide_samples for
-        every train prompt, sampled once (seeded by the run seed only, so a resumed run gets the same guides)."""
-        if self._model_guides is not None:
-            return self._model_guides
-        from npo.runtime.models import ModelConfig, load_policy
-
-        cfg = self.cfg
-        folder = Path(cfg.guide.model).expanduser()
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"guide.model: {folder} is not an HF model folder (no config.json)")
-        guide_policy = load_policy(ModelConfig(preset=str(folder), dtype="float32"), seed=0)
-        if guide_policy.tokenizer.get_vocab() != self.policy.tokenizer.get_vocab():
-            raise ValueError(f"guide.model: {folder} has another vocabulary than the policy (tokens must be shared)")
-        device = next(self.policy.model.parameters()).device
-        guide_policy.model.to(device)
-        engine = TransformersEngine(guide_policy.model, eos_id=guide_policy.eos_id, pad_id=guide_policy.pad_id)
-        problems = list(self.task.train)
-        guides: dict[str, Sample] = {}
-        chunk = 512
-        for lo in range(0, len(problems), chunk):
-            part = problems[lo : lo + chunk]
-            gens = engine.generate(
-                [self.policy.encode_prompt(p) for p in part],
-                cfg.npo.guide_samples,
-                self._rollout_params(),
-                seed=derive_seed(cfg.seed, f"guide-model/{lo}", 0),
-            )
-            for sample in first_correct(self._verify(part, gens, -1), cfg.algo.correct_threshold):
-                guides[sample.prompt_id] = sample
-        self._model_guides = guides
-        self._record(
-            {
-                "kind": self.guide_source,
-                "event": "guides",
-                "step": self.step,
-                "model": str(folder),
-                "prompts": len(problems),
-                "guides": len(guides),
-            }
-        )
-        return guides
+    # ------------------------------------------------------------------------------------------------------------
+    # AutoNPO: the probe (npo.runtime.probe) with this process's ports, then the rollback and the replay.
 
     def _maybe_autonpo(self, t: int) -> None:
         reading = self._last_reading
         if reading is None or not self.autonpo.wants_probe(reading):
             return
-        cfg = self.cfg
-        deltas = self.autonpo.candidate_deltas(t, self.ckpt.steps())
-        if not deltas:
-            return
-        mistakes = self.store.get_mistakes(self.run, t - max(deltas), t)
-        probe_ids = self.autonpo.probe_prompts(t, mistakes, deltas, derive_seed(cfg.seed, "probe-pick", t))
-        if not probe_ids:
-            self.autonpo.cooldown_until = t + cfg.autonpo.window
-            return
-        problems = [self.problems[p] for p in probe_ids if p in self.problems]
-        self.sync_weights()
-        prompt_ids = [self.policy.encode_prompt(p) for p in problems]
-        gens = self.engine.generate(
-            prompt_ids, cfg.autonpo.probe_samples, self._rollout_params(), seed=derive_seed(cfg.seed, "probe", t)
+        result = run_probe(
+            unguarded(self.autonpo),
+            t,
+            self.ckpt.steps(),
+            self._probe_ports,
+            problems=self.problems,
+            seed=self.cfg.seed,
+            correct_threshold=self.cfg.algo.correct_threshold,
+            reading=reading,
         )
-        groups = self._verify(problems, gens, t)
-        thr = cfg.algo.correct_threshold
-        solved = {g[0].prompt_id: any(s.reward >= thr for s in g) for g in groups}
-        flat = [(pi, s) for pi, g in zip(prompt_ids, groups) for s in g if s.response_ids]
-        current = [s.logprobs for _, s in flat]
-        kl_by_delta = {}
-        for d in deltas:
-            past = self._score_under(t - d, [pi for pi, _ in flat], [s.response_ids for _, s in flat])
-            kl_by_delta[d] = mean_token_kl(current, past, cfg.autonpo.kl_estimator)
-        mean_len = float(np.mean([len(s.response_ids) for _, s in flat])) if flat else 0.0
-        decision = self.autonpo.decide(t, mistakes, solved, kl_by_delta, mean_len, reading)
+        if result.reason is not None:
+            return
+        decision = result.decision
         self._record(
             {
                 "kind": "autonpo",
                 "event": "probe",
                 "step": t,
-                "probed": len(problems),
-                "solved": int(sum(solved.values())),
+                "probed": len(result.problems),
+                "solved": int(sum(result.solved.values())),
                 "reading": reading.__dict__,
-                "candidates": [c.__dict__ for c in self.autonpo.last_candidates],
+                "candidates": [c.__dict__ for c in result.candidates],
                 "decision": decision.to_dict() if decision else None,
             }
         )
-        if decision is None:
-            return
-        by_prompt = {g[0].prompt_id: g for g in groups}
-        guides = [next(s for s in by_prompt[p] if s.reward >= thr) for p in decision.prompt_ids]
-        self.store.put_guides(self.run, decision.guide_step, guides)
-        plan = autonpo_plan(t, decision.delta)
+        if decision is not None:
+            self._autonpo_replay(t, decision.delta, result.guides)
+
+    def _autonpo_replay(self, t: int, delta: int, guides: list[Sample]) -> None:
+        """Cache the probe's guides as guides of step t, roll back Delta* steps, replay them with NPO."""
+        self.store.put_guides(self.run, t, guides)
+        plan = autonpo_plan(t, delta)
         self._rollback(plan.rollback_step)
         self.segment = Segment("autonpo_replay", True, plan.guide_step, plan.replay_end)
-        self._record(
-            {
-                "kind": "autonpo",
-                "event": "rollback",
-                "step": t,
-                "to_step": plan.rollback_step,
-                "delta": decision.delta,
-                "guides": len(guides),
-                "plan": plan.to_dict(),
-            }
-        )
+        event = {"kind": "autonpo", "event": "rollback", "step": t, "to_step": plan.rollback_step, "delta": delta}
+        self._record({**event, "guides": len(guides), "plan": plan.to_dict()})
+
+    def _probe_sample(self, problems: list[Problem], n: int, step: int) -> list[list[Sample]]:
+        prompts = [self.policy.encode_prompt(p) for p in problems]
+        return self._sample(problems, prompts, n, derive_seed(self.cfg.seed, "probe", step), step)
 
     def _score_under(self, step: int, prompts: list[list[int]], responses: list[list[int]]) -> list[list[float]]:
         """Teacher-forced log-probs of the responses under checkpoint pi^(step) (a separate model copy)."""
@@ -600,12 +528,9 @@ class Runner:
         return out
 
     def _accuracy(self, problems, gens) -> float:
-        decode = self.policy.tokenizer.decode
-        scores = [
-            float(self.task.reward(p, decode(g.token_ids, skip_special_tokens=True))) if g.finished else 0.0
-            for p, gs in zip(problems, gens)
-            for g in gs
-        ]
+        """Mean verified reward (not counted in samples_total: evaluation is not training compute)."""
+        groups = verify_groups(problems, gens, self._decode, self.task.reward, -1)
+        scores = [s.reward for g in groups for s in g]
         return float(np.mean(scores)) if scores else 0.0
 
     # ------------------------------------------------------------------------------------------------------------
@@ -620,10 +545,10 @@ class Runner:
             "plans": [{"plan": e["plan"].to_dict(), "phase": e["phase"]} for e in self.plans],
             "autonpo": self.autonpo.state_dict(),
             "mistakes": sorted(self.store.get_mistakes(self.run, 0, 1 << 62).items()),
-            "past_guides": [sample_to_json(s) for _, s in sorted(self._past.items())],
+            "past_guides": self.guide_source.state(),
             "metrics_lines": _count_lines(self.out / "metrics.jsonl"),
             "interventions_lines": _count_lines(self.out / "interventions.jsonl"),
-            "wall_time": self.wall_offset + time.perf_counter() - self._start,
+            "wall_time": self._wall_time(),
         }
 
     def _save_checkpoint(self, step: int) -> Path:
@@ -673,7 +598,7 @@ class Runner:
         self._restore_trainer(to_step)
         self.step = to_step
         self.store.truncate_mistakes(self.run, to_step)
-        self._past = {p: s for p, s in self._past.items() if s.policy_step < to_step}
+        self.guide_source.forget_from(to_step)
         self.autonpo.on_rollback(to_step)
         self._last_reading = None
         self._pending_eval = self._evaluate(to_step) if self._eval_due(to_step) else {}
@@ -691,7 +616,7 @@ class Runner:
         self.plans = [{"plan": InterventionPlan(**_plan_args(e["plan"])), "phase": e["phase"]} for e in state["plans"]]
         self.autonpo.load_state_dict(state["autonpo"])
         self.wall_offset = state["wall_time"]
-        self._past = {s.prompt_id: s for s in map(sample_from_json, state.get("past_guides", []))}
+        self.guide_source.load_state(state.get("past_guides", []))
         self.store.truncate_mistakes(self.run, 0)
         by_step: dict[int, list[str]] = {}
         for prompt_id, s in state["mistakes"]:
@@ -719,7 +644,7 @@ class Runner:
         }
         if self.cfg.eval.every > 0:
             row.update(self._evaluate(t))
-        row["wall_time"] = self.wall_offset + time.perf_counter() - self._start
+        row["wall_time"] = self._wall_time()
         self._write_row(row)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -734,11 +659,14 @@ class Runner:
                 if isinstance(value, (int, float)) and key != "step":
                     tb.add_scalar(key, value, row["step"])
 
+    def _wall_time(self) -> float:
+        return self.wall_offset + time.perf_counter() - self._start
+
     def _record(self, event: dict[str, Any]) -> None:
         event = {
             **event,
             "optimizer_steps": self.optimizer_steps,
-            "wall_time": self.wall_offset + time.perf_counter() - self._start,
+            "wall_time": self._wall_time(),
         }
         with open(self.out / "interventions.jsonl", "a") as f:
             f.write(json.dumps(event, sort_keys=True, default=_jsonable) + "\n")

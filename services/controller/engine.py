@@ -6,7 +6,8 @@ trigger (npo.core.autonpo) with every new step. When the trigger asks for a prob
 controller pauses the learner (which checkpoints step t), loads pi^(t) into the rollout replicas, samples the probe
 on the mistake pool, scores it under each candidate checkpoint pi^(t - Delta), chooses Delta* by S_hat, writes the
 probe's verified-correct responses to the cache as guides of step t, rolls the learner back to t - Delta*, runs
-the NPO segment with guide step t, then continues the main line to where it was going; then cool-down.
+the NPO segment with guide step t, then continues the main line to where it was going; then cool-down. The probe
+itself is npo.runtime.probe, the one the embedded runner runs, here with the services' clients as its ports.
 
 Manual interventions (early bootstrap, plateau breakthrough, plain rollback) run the same way in a worker thread,
 one intervention at a time (records.start refuses a second with errors.Busy). Every intervention is recorded
@@ -21,21 +22,21 @@ controller runs AutoNPO). Checkpoint retention (`checkpoint.keep_last`) must kee
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from typing import Any
 
-import numpy as np
-
-from npo.core.autonpo import AutoNPO, mean_token_kl
+from npo.core.autonpo import AutoNPO
 from npo.core.config import AutoNPOConfig, from_dict, to_dict
 from npo.core.gate import first_correct
 from npo.core.interventions import early_bootstrap_plan, plateau_breakthrough_plan
 from npo.core.seeds import derive_seed
 from npo.core.types import Problem, Sample
+from npo.runtime.probe import ProbePorts, run_probe
 from npo.runtime.run_config import RunConfig
 from npo.runtime.runner import PromptSampler
 from services.controller.errors import Busy, Conflict, NotFound
@@ -436,95 +437,95 @@ class Controller:
         return {"step": step, "main_line": self._continue_main(iv, end)}
 
     def _autonpo(self, iv: str, trigger: Any) -> dict[str, Any]:
-        cfg = self.cfg.autonpo if not self.overrides else self._autonpo_config(self.overrides)
         t, end = self._pause(iv)
         readings = {"trigger": asdict(trigger), "paused_at": t, "reading": self.reading.to_dict()}
         self.records.update(iv, readings=readings)
-
-        def resume(outcome: dict[str, Any]) -> dict[str, Any]:
-            with self._lock:
-                self._save_autonpo()
-            return {**outcome, "intervened": False, "main_line": self._continue_main(iv, end)}
-
         every = self.cfg.checkpoint.every
         if t % every:  # probe at a checkpoint step, as the embedded runner does: candidates t - Delta exist there
             ahead = every - t % every
             if end is None or t + ahead > end:
-                return resume({"reason": f"no checkpoint step before the segment's end ({end})"})
+                return self._autonpo_done(iv, end, {"reason": f"no checkpoint step before the segment's end ({end})"})
             self._run(iv, t, ahead, "grpo")
             t += ahead
             self.records.update(iv, readings={**readings, "probe_step": t})
         path_t = self._save_checkpoint(iv)
         have = self._checkpoints()
-        with self._lock:
-            deltas = self.autonpo.candidate_deltas(t, have)
-        if not deltas:
-            with self._lock:
-                self.autonpo.cooldown_until = t + cfg.window
-            return resume({"reason": f"no checkpoint at any candidate distance from step {t}"})
-        mistakes = self._cmd(
-            iv,
-            "GuidanceCache.GetMistakes",
-            {"from_step": t - max(deltas), "to_step": t},
-            lambda: self.cache.get_mistakes(self.run, t - max(deltas), t),
-            lambda m: {"prompts": len(m)},
+        result = run_probe(
+            self._locked_autonpo,
+            t,
+            have,
+            self._probe_ports(iv, path_t, have),
+            problems=self.problems,
+            seed=self.cfg.seed,
+            correct_threshold=self.cfg.algo.correct_threshold,
+            reading=trigger,
         )
-        with self._lock:
-            probe_ids = self.autonpo.probe_prompts(t, mistakes, deltas, derive_seed(self.cfg.seed, "probe-pick", t))
-        problems = [self.problems[p] for p in probe_ids if p in self.problems]
-        if not problems:
+        if result.reason == "no_candidates":
             with self._lock:
-                self.autonpo.cooldown_until = t + cfg.window
-            return resume({"reason": "the mistake pool is empty"})
-        self._load_policy(iv, t, path_t)
-        groups = self._sample(iv, problems, cfg.probe_samples, "probe", t)
-        threshold = self.cfg.algo.correct_threshold
-        solved = {g[0].prompt_id: any(s.reward >= threshold for s in g) for g in groups}
-        flat = [(self.encode(self.problems[s.prompt_id]), s) for g in groups for s in g if s.response_ids]
-        current = [s.logprobs for _, s in flat]
-        kl_by_delta = {}
-        for d in deltas:
-            past = self._cmd(
-                iv,
-                "Rollout.Score",
-                {"checkpoint_step": t - d, "sequences": len(flat)},
-                lambda d=d: self.rollout.score(
-                    [p for p, _ in flat],
-                    [s.response_ids for _, s in flat],
-                    temperature=self.cfg.rollout.temperature,
-                    checkpoint=have[t - d],
-                    step=t - d,
-                ),
-                lambda r: {"scored": len(r)},
-            )
-            kl_by_delta[d] = mean_token_kl(current, past, cfg.kl_estimator)
-        mean_len = float(np.mean([len(s.response_ids) for _, s in flat])) if flat else 0.0
-        with self._lock:
-            decision = self.autonpo.decide(t, mistakes, solved, kl_by_delta, mean_len, trigger)
-            candidates = [asdict(c) for c in self.autonpo.last_candidates]
+                self.autonpo.cooldown_until = t + self.autonpo.cfg.window
+            return self._autonpo_done(iv, end, {"reason": f"no checkpoint at any candidate distance from step {t}"})
+        if result.reason == "empty_pool":
+            return self._autonpo_done(iv, end, {"reason": "the mistake pool is empty"})
+        decision = result.decision
         self.records.update(
             iv,
-            candidates=candidates,
+            candidates=[asdict(c) for c in result.candidates],
             choice=decision.to_dict() if decision else {"delta": None, "reason": "no candidate reached q_min"},
         )
+        probed = {"probed": len(result.problems)}
         if decision is None:
-            return resume({"probed": len(problems), "solved": int(sum(solved.values()))})
-        by_prompt = {g[0].prompt_id: g for g in groups}
-        guides = [next(s for s in by_prompt[p] if s.reward >= threshold) for p in decision.prompt_ids]
+            return self._autonpo_done(iv, end, {**probed, "solved": int(sum(result.solved.values()))})
         self._cmd(
             iv,
             "GuidanceCache.PutGuides",
-            {"guide_step": t, "guides": len(guides)},
-            lambda: self.cache.put_guides(self.run, t, guides),
+            {"guide_step": t, "guides": len(result.guides)},
+            lambda: self.cache.put_guides(self.run, t, result.guides),
         )
         self._rollback_to(iv, t - decision.delta)
         self._run(iv, t - decision.delta, decision.delta, "npo", guide_step=t, label="autonpo_replay")
         with self._lock:
             self._save_autonpo()
-        return {
-            "intervened": True,
-            "delta": decision.delta,
-            "guides": len(guides),
-            "probed": len(problems),
-            "main_line": self._continue_main(iv, end),
-        }
+        outcome = {"intervened": True, "delta": decision.delta, "guides": len(result.guides), **probed}
+        return {**outcome, "main_line": self._continue_main(iv, end)}
+
+    def _autonpo_done(self, iv: str, end: int | None, outcome: dict[str, Any]) -> dict[str, Any]:
+        """An AutoNPO intervention that did not intervene: save the state, continue the main line."""
+        with self._lock:
+            self._save_autonpo()
+        return {**outcome, "intervened": False, "main_line": self._continue_main(iv, end)}
+
+    @contextlib.contextmanager
+    def _locked_autonpo(self) -> Iterator[AutoNPO]:
+        """The AutoNPO state under the controller's lock (the metrics loop observes it concurrently)."""
+        with self._lock:
+            yield self.autonpo
+
+    def _probe_ports(self, iv: str, path_t: str, have: dict[int, str]) -> ProbePorts:
+        """The probe's ports in service mode: the cache's mistakes, the rollout replicas (loaded with pi^(t)) for
+        sampling, a checkpoint folder per candidate for scoring; every call recorded as a command of `iv`."""
+
+        def mistakes(lo: int, hi: int) -> dict[str, int]:
+            return self._cmd(
+                iv,
+                "GuidanceCache.GetMistakes",
+                {"from_step": lo, "to_step": hi},
+                lambda: self.cache.get_mistakes(self.run, lo, hi),
+                lambda m: {"prompts": len(m)},
+            )
+
+        def sample(problems: list[Problem], n: int, step: int) -> list[list[Sample]]:
+            self._load_policy(iv, step, path_t)
+            return self._sample(iv, problems, n, "probe", step)
+
+        def score(step: int, prompts: list[list[int]], responses: list[list[int]]) -> list[list[float]]:
+            return self._cmd(
+                iv,
+                "Rollout.Score",
+                {"checkpoint_step": step, "sequences": len(prompts)},
+                lambda: self.rollout.score(
+                    prompts, responses, temperature=self.cfg.rollout.temperature, checkpoint=have[step], step=step
+                ),
+                lambda r: {"scored": len(r)},
+            )
+
+        return ProbePorts(mistakes=mistakes, sample=sample, score=score, encode=self.encode)

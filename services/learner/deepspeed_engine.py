@@ -24,10 +24,10 @@ port; backend gloo on a CPU (DS_ACCELERATOR=cpu), the accelerator's (NCCL on CUD
 (deepspeed, torchrun) every rank runs this class on its share of the groups and DeepSpeed averages the gradients.
 
 Device: DeepSpeed picks its accelerator once, when it is first imported (DS_ACCELERATOR, else CUDA when torch sees a
-GPU, else the CPU); services/cli.py sets DS_ACCELERATOR from train.device. deepspeed.initialize moves the model to
-the accelerator's device (cuda:LOCAL_RANK on CUDA), so a policy loaded on the CPU follows it, and the rollout engine,
-which shares the model, samples there too. A model already on a GPU with a CPU accelerator is refused (DeepSpeed
-would silently move it back to the CPU).
+GPU, else the CPU); services/wiring.py (build_learner) sets DS_ACCELERATOR from train.device. deepspeed.initialize
+moves the model to the accelerator's device (cuda:LOCAL_RANK on CUDA), so a policy loaded on the CPU follows it, and
+the rollout engine, which shares the model, samples there too. A model already on a GPU with a CPU accelerator is
+refused (DeepSpeed would silently move it back to the CPU).
 
 ZeRO stages 0, 1 and 2. Stage 3 partitions the parameters themselves, so the runner's in-place weight loading
 (npo.runtime.learner.load_weights) and save_pretrained would see empty tensors; it is refused until weights go
@@ -42,7 +42,6 @@ weights (ZeRO's own load path with load_from_fp32_weights=False): a rollback is 
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
 import os
 import socket
@@ -52,9 +51,8 @@ from typing import Any
 
 import torch
 
-from npo.core.config import AlgoConfig, LossAggregation
 from npo.core.gate import MixedGroup
-from npo.runtime.learner import micro_batch_loss, micro_batches, step_metrics, training_rows
+from npo.runtime.learner import MicroBatchLearner, step_metrics
 
 ZERO_STAGES = (0, 1, 2)
 """ZeRO stages this learner runs (3 is refused: see the module docstring)."""
@@ -143,30 +141,18 @@ class _EngineForward(torch.nn.Module):
         return self.engine(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
 
 
-class DeepSpeedLearner:
+class DeepSpeedLearner(MicroBatchLearner):
     """TorchLearner's interface on a DeepSpeed engine: AdamW, ZeRO stage 0-2, gradient clipping, micro-batches
     with accumulation and one optimizer step per train_step, fp32 or bf16 autocast."""
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        *,
-        pad_id: int,
-        algo: AlgoConfig,
-        lr: float,
-        betas: Sequence[float] = (0.9, 0.99),
-        weight_decay: float = 0.0,
-        grad_clip: float = 1.0,
-        micro_batch_size: int = 256,
-        dtype: str = "float32",
-        temperature: float = 1.0,
-        max_len: int | None = None,
-        zero_stage: int = 2,
-    ) -> None:
+    def __init__(self, model: torch.nn.Module, *, zero_stage: int = 2, **settings: Any) -> None:
+        """`settings`: MicroBatchLearner's keyword arguments (npo.runtime.runner.learner_kwargs)."""
         if zero_stage not in ZERO_STAGES:
             raise ValueError(f"zero_stage: must be one of {ZERO_STAGES}, got {zero_stage!r}")
+        dtype = settings.get("dtype", "float32")
         if dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype: must be 'float32' or 'bfloat16', got {dtype!r}")
+        micro_batch_size = settings.get("micro_batch_size", 256)
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size: must be >= 1, got {micro_batch_size}")
         import deepspeed
@@ -180,25 +166,10 @@ class DeepSpeedLearner:
                 f"(or train.device) consistently before deepspeed is first imported"
             )
         init_process_group()
-        self.model = model
-        self.pad_id = pad_id
-        self.algo = algo
-        self.grad_clip = grad_clip
-        self.micro_batch_size = micro_batch_size
-        self.autocast = dtype == "bfloat16"
-        self.temperature = temperature
-        self.max_len = max_len
+        super().__init__(model, **settings)
         self.zero_stage = zero_stage
-        self.reference = None
-        if algo.kl_coef > 0:
-            self.reference = copy.deepcopy(model).eval()
-            for p in self.reference.parameters():
-                p.requires_grad_(False)
-        optimizer = torch.optim.AdamW(
-            model.parameters(), lr=lr, betas=(float(betas[0]), float(betas[1])), weight_decay=weight_decay
-        )
-        config = deepspeed_config(micro_batch_size=micro_batch_size, grad_clip=grad_clip, zero_stage=zero_stage)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        config = deepspeed_config(micro_batch_size=micro_batch_size, grad_clip=self.grad_clip, zero_stage=zero_stage)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=config)
         if self.reference is not None:
             self.reference.to(self.engine.device)
         self._forward = _EngineForward(self.engine)
@@ -249,34 +220,19 @@ class DeepSpeedLearner:
     def train_step(self, groups: Sequence[MixedGroup], prompt_ids: Mapping[str, list[int]]) -> dict[str, float]:
         """One optimizer step on G mixed groups; returns metrics (loss, clip fractions, entropy, grad_norm, ...)."""
         start = time.perf_counter()
-        rows = training_rows(groups, prompt_ids, self.algo)
-        chunks = micro_batches(rows, self.micro_batch_size, LossAggregation(self.algo.loss_aggregation))
         self.engine.train()
-        weighted: dict[str, float] = {}
-        entropy_sum, entropy_tokens = 0.0, 0
-        for index, (chunk, weight) in enumerate(chunks):
-            self.engine.set_gradient_accumulation_boundary(index == len(chunks) - 1)
-            part = micro_batch_loss(
-                self._forward,
-                chunk,
-                pad_id=self.pad_id,
-                algo=self.algo,
-                temperature=self.temperature,
-                max_len=self.max_len,
-                autocast=self.autocast,
-                reference=self.reference,
-            )
-            self.engine.backward(part.loss * weight, scale_wrt_gas=False)
-            for key, value in part.metrics.items():
-                if key != "entropy":
-                    weighted[key] = weighted.get(key, 0.0) + value * weight
-            entropy_sum += part.entropy_sum
-            entropy_tokens += part.entropy_tokens
+        acc = self.accumulate(
+            self._forward,
+            groups,
+            prompt_ids,
+            backward=lambda loss: self.engine.backward(loss, scale_wrt_gas=False),
+            begin=self.engine.set_gradient_accumulation_boundary,
+        )
         grad_norm = self._stage0_grad_norm() if self.zero_stage == 0 else None
         self.engine.step()
         if grad_norm is None:
             grad_norm = float(self.engine.get_global_grad_norm())
-        return step_metrics(weighted, entropy_sum, entropy_tokens, grad_norm, groups, time.perf_counter() - start)
+        return step_metrics(acc, grad_norm, groups, time.perf_counter() - start)
 
     def _stage0_grad_norm(self) -> float:
         """Without ZeRO the engine clips but does not report the norm: the pre-clip 2-norm of all gradients."""

@@ -27,6 +27,7 @@ from typing import Any
 import grpc
 
 from npo.core.config import ConfigError
+from npo.core.gate import check_tau_gate
 from npo.runtime.runner import Interrupted, Runner, Segment
 from services.grpc_common import DEFAULT_MAX_MESSAGE_BYTES, abort_on, host_of, serve_forever, start_server
 from services.proto.npo.v1 import common_pb2
@@ -96,9 +97,7 @@ def segment_spec_from_request(request: pb.RunSegmentRequest) -> SegmentSpec:
         raise ValueError(f"mode: expected TRAINING_MODE_GRPO or TRAINING_MODE_NPO, got {request.mode}")
     if request.guide_step < 0:
         raise ValueError(f"guide_step: must be >= 0 for an NPO segment, got {request.guide_step}")
-    tau = request.tau_gate if request.HasField("tau_gate") else None
-    if tau is not None and not 0.0 <= tau <= 1.0:
-        raise ValueError(f"tau_gate: must lie in [0, 1], got {tau}")
+    tau = check_tau_gate(request.tau_gate) if request.HasField("tau_gate") else None
     is_correction = request.is_correction if request.HasField("is_correction") else None
     return SegmentSpec(request.from_step, request.length, True, request.guide_step, tau, is_correction, request.label)
 
