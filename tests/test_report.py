@@ -280,3 +280,11 @@ def test_compare_runs_with_a_reference_without_evaluations(tmp_path):
 def test_compare_runs_rejects_an_empty_list(tmp_path):
     with pytest.raises(ValueError, match="folders"):
         compare_runs([], tmp_path)
+
+
+def test_a_folder_named_after_its_method_is_labelled_once(tmp_path):
+    """The demo's folders are runs/demo/grpo and runs/demo/autonpo: "grpo", not "grpo grpo"."""
+    rows = [train_row(0, "grpo", 1, 0.1, eval_acc=0.1), final_row(1, 1, eval_acc=0.2)]
+    assert load_run(write_run(tmp_path / "grpo", rows, method="grpo", seed=0)).label == "grpo"
+    assert load_run(write_run(tmp_path / "autonpo-300", rows, method="autonpo", seed=0)).label == "autonpo-300"
+    assert load_run(write_run(tmp_path / "seed0", rows, method="autonpo", seed=0)).label == "autonpo seed0"

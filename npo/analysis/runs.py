@@ -83,8 +83,10 @@ class RunData:
 
     @property
     def label(self) -> str:
-        """method + folder name, e.g. "npo npo_seed0"."""
-        return f"{self.method} {self.folder.name}"
+        """method + folder name, e.g. "npo npo_seed0"; the folder name alone when it already says the method
+        ("grpo", "autonpo-300")."""
+        name = self.folder.name
+        return name if name == self.method or name.startswith(f"{self.method}-") else f"{self.method} {name}"
 
     @property
     def train_rows(self) -> list[dict[str, Any]]:
