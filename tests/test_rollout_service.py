@@ -1,6 +1,7 @@
 """RolloutService end to end: real gRPC servers on 127.0.0.1 (ephemeral ports) over the transformers engine and a
 tiny random policy, compared with the same engine in-process; weight sync, scoring under a checkpoint, replicas,
-health, status codes, and the command line."""
+fail-over (a replica stopped, stopped mid-call, restarted on its port), health, status codes, and the command
+line."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -22,6 +25,7 @@ from npo.runtime.models import ModelConfig, load_policy
 from npo.runtime.tasks import COMPACT_ALPHABET, TaskConfig, load_task
 from npo.runtime.verify import verified_sample
 from services.grpc_common import RetryPolicy, open_channel
+from services.learner.publish import WeightPublisher
 from services.proto.npo.v1 import common_pb2
 from services.proto.npo.v1 import rollout_pb2 as pb
 from services.proto.npo.v1 import rollout_pb2_grpc as pb_grpc
@@ -308,6 +312,147 @@ def test_two_replicas_split_a_call_into_contiguous_chunks_in_input_order(
         reports = replicas.load_policy(folders["perturbed"], step=2)
         assert [(r.address, r.step) for r in reports] == [(first, 2), (second, 2)]
         assert reports[0].load_seconds > 0.0 and reports[1].load_seconds == 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fail-over: a replica down, stopped mid-call, restarted on the same port.
+
+
+class Replica:
+    """One RolloutService over its own copy of the policy's weights, which can be stopped and started again on the
+    same port (as a fresh process would: start-up weights, a new server instance)."""
+
+    def __init__(self, policy, task, engine_class=TransformersEngine) -> None:
+        self.policy, self.task, self.engine_class = policy, task, engine_class
+        self.server, self.port = None, 0
+
+    def start(self) -> Replica:
+        engine = self.engine_class(
+            copy.deepcopy(self.policy.model), eos_id=self.policy.eos_id, pad_id=self.policy.pad_id
+        )
+        self.server, self.port = serve(engine, self.policy.tokenizer, self.task, f"127.0.0.1:{self.port}")
+        return self
+
+    def stop(self) -> None:
+        self.server.stop(None).wait()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+@pytest.fixture
+def fleet(policy, task):
+    """Factory: a started Replica (engine_class: its engine); every one is stopped at the end."""
+    made: list[Replica] = []
+
+    def make(engine_class=TransformersEngine) -> Replica:
+        made.append(Replica(policy, task, engine_class).start())
+        return made[-1]
+
+    yield make
+    for replica in made:
+        replica.server.stop(None)
+
+
+def failover_client(*replicas: Replica, **options) -> RolloutClient:
+    return RolloutClient([r.address for r in replicas], timeout_s=30.0, retry=FAST_RETRY, **options)
+
+
+def two_chunks(engine: TransformersEngine, prompts, n: int, params: SamplingParams, seed: int) -> list:
+    """What a call split into 2 chunks ([0, 3) and [3, 5) of 5 prompts) samples, whichever replica serves a chunk."""
+    first = engine.generate(prompts[:3], n, params, seed=chunk_seed(seed, 0, 2))
+    return first + engine.generate(prompts[3:], n, params, seed=chunk_seed(seed, 1, 2))
+
+
+def test_chunks_are_the_same_whether_two_replicas_serve_them_or_one_is_down(fleet, local, policy, problems):
+    ids, prompts = prompt_ids_of(policy, problems)
+    first, second = fleet(), fleet()
+    expected = flat_generations(two_chunks(local, prompts, 2, SAMPLED, seed=9))
+    with failover_client(first, second) as client:
+        both = client.generate_verified(ids, prompts, 2, SAMPLED, seed=9)
+        responses = [group[0].response_ids for group in both]
+        scored = client.score(prompts, responses, temperature=1.0)
+        second.stop()
+        one = client.generate_verified(ids, prompts, 2, SAMPLED, seed=9)
+        assert flat_samples(both) == flat_samples(one) == expected
+        assert client.score(prompts, responses, temperature=1.0) == scored
+        assert (client.live_replicas, client.replica_drops, client.replica_rejoins) == ([first.address], 1, 0)
+        assert [group[0].prompt_id for group in one] == ids
+
+        first.stop()  # none left: the call waits outage_timeout_s, then names every replica
+        client.outage_timeout_s = 0.3
+        with pytest.raises(ConnectionError, match=f"no live replica among .*{first.address}.*{second.address}"):
+            client.generate(prompts, 1, GREEDY, seed=0)
+
+
+class SlowEngine(TransformersEngine):
+    """A TransformersEngine that signals when a generation starts and takes 1 s longer."""
+
+    started = threading.Event()
+
+    def generate(self, *args, **kwargs):
+        SlowEngine.started.set()
+        time.sleep(1.0)
+        return super().generate(*args, **kwargs)
+
+
+def test_a_replica_stopped_mid_call_has_its_chunk_served_by_another(fleet, local, policy, problems):
+    ids, prompts = prompt_ids_of(policy, problems)
+    first, second = fleet(), fleet(SlowEngine)
+    SlowEngine.started.clear()
+    with failover_client(first, second) as client:
+        stopper = threading.Thread(target=lambda: SlowEngine.started.wait(30) and second.stop())
+        stopper.start()
+        groups = client.generate_verified(ids, prompts, 2, SAMPLED, seed=9)
+        stopper.join()
+        assert SlowEngine.started.is_set()
+        assert flat_samples(groups) == flat_generations(two_chunks(local, prompts, 2, SAMPLED, seed=9))
+        assert (client.live_replicas, client.replica_drops) == ([first.address], 1)
+
+
+def test_a_replica_restarted_on_its_port_rejoins_with_the_current_weights(
+    fleet, local, policy, problems, perturbed_model, tmp_path
+):
+    ids, prompts = prompt_ids_of(policy, problems)
+    first, second = fleet(), fleet()
+    perturbed = engine_over(policy, perturbed_model)
+    expected = flat_generations(two_chunks(perturbed, prompts, 2, SAMPLED, seed=3))
+    with failover_client(first, second, health_interval_s=0.05) as client:
+        second.stop()
+        publish = WeightPublisher(perturbed_model, client, tmp_path / "published")
+        publish(7)  # the dead replica does not fail the publication
+        assert (publish.replicas_loaded, publish.replica_drops, publish.live_replicas) == (1, 1, 1)
+        assert flat_samples(client.generate_verified(ids, prompts, 2, SAMPLED, seed=3)) == expected
+
+        second.start()  # same port, start-up weights
+        time.sleep(0.1)
+        groups = client.generate_verified(ids, prompts, 2, SAMPLED, seed=3, expected_policy_step=7)
+        assert (client.live_replicas, publish.replica_rejoins) == ([first.address, second.address], 1)
+        assert flat_samples(groups) == expected  # chunk 1 was served by the rejoined replica, on the current weights
+        assert client.current_weights.version == "publish-1-step-7"
+
+        # restarted between two calls, unseen by any failed call: its answer from a new instance is not used
+        second.stop()
+        second.start()
+        groups = client.generate_verified(ids, prompts, 2, SAMPLED, seed=3, expected_policy_step=7)
+        assert flat_samples(groups) == expected
+        assert client.replica_drops == 2
+        time.sleep(0.1)
+        assert flat_samples(client.generate_verified(ids, prompts, 2, SAMPLED, seed=3)) == expected
+        assert (client.live_replicas, client.replica_rejoins) == ([first.address, second.address], 2)
+
+
+def test_a_call_with_no_live_replica_waits_for_one_to_rejoin(fleet, policy, problems, perturbed_model, folders):
+    _, prompts = prompt_ids_of(policy, problems)
+    only = fleet()
+    with failover_client(only, health_interval_s=0.05) as client:
+        client.load_policy(folders["perturbed"], step=4, version="v4")
+        only.stop()
+        threading.Timer(0.5, only.start).start()
+        groups = client.generate(prompts, 1, GREEDY, seed=0)
+    perturbed = engine_over(policy, perturbed_model)
+    assert flat_generations(groups) == flat_generations(perturbed.generate(prompts, 1, GREEDY, seed=0))
 
 
 # ----------------------------------------------------------------------------------------------------------------

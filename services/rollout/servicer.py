@@ -32,6 +32,10 @@ loaded policy's step -> FAILED_PRECONDITION.
 
 Concurrency: one lock serialises every use of the model (generate, score, load), so a weight sync never overlaps a
 generation; run several replicas for parallelism (RolloutClient spreads a call across them).
+
+Every answer of Generate, Score and LoadPolicy carries the trailing metadata `npo-replica-instance`: an id drawn when
+the servicer is made, so a client sees that a replica was restarted (and lost the weights it had loaded) even when it
+comes back on the same address between two calls.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ import logging
 import math
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +76,8 @@ WEIGHTS_FILE = "model.safetensors"
 """The weights file of a policy folder (what npo.runtime.learner.load_weights reads)."""
 UNKNOWN_STEP = -1
 """Policy step of weights whose training step is not known."""
+INSTANCE_METADATA_KEY = "npo-replica-instance"
+"""Trailing metadata key of every answer: the id of the servicer instance (new at each start of a replica)."""
 
 
 @dataclass(frozen=True)
@@ -324,6 +331,12 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
         self.broken = ""  # why the current weights are unusable (a load failed half way); "" when they are fine
         self._scorers: collections.OrderedDict[tuple[Path, str], TransformersEngine] = collections.OrderedDict()
         self._lock = threading.Lock()
+        self.instance = uuid.uuid4().hex
+        """Id of this servicer, sent with every answer (INSTANCE_METADATA_KEY)."""
+
+    def _tag(self, context: grpc.ServicerContext) -> None:
+        """Send this servicer's instance id with the answer."""
+        context.set_trailing_metadata(((INSTANCE_METADATA_KEY, self.instance),))
 
     def decode(self, token_ids: list[int]) -> str:
         """Response text as the verifier sees it."""
@@ -344,6 +357,7 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
         return engine_model(self.engine, "LoadPolicy")
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> pb.GenerateResponse:
+        self._tag(context)
         prompts, problems, params, seed = generate_inputs(request, self.problems, self.task.name, self.vocab_size)
         with self._lock:
             self._check_current_policy(context, request.expected_policy_step)
@@ -352,6 +366,7 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
         return pb.GenerateResponse(samples=[sample_to_message(s) for s in samples], policy_step=step)
 
     def LoadPolicy(self, request: pb.LoadPolicyRequest, context: grpc.ServicerContext) -> pb.LoadPolicyResponse:
+        self._tag(context)
         folder = folder_to_load(request)
         target = self._weights_target()
         with self._lock, corrupted_checkpoint_is_data_loss(context):
@@ -359,6 +374,7 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
         return pb.LoadPolicyResponse(loaded=checkpoint_info(folder), load_seconds=seconds)
 
     def Score(self, request: pb.ScoreRequest, context: grpc.ServicerContext) -> pb.ScoreResponse:
+        self._tag(context)
         temperature = score_temperature(request.temperature)
         prompts, responses = sequences_from_request(request, self.vocab_size)
         folder = resolve_folder(request.checkpoint) if request.checkpoint.path else None
