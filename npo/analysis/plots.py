@@ -298,3 +298,23 @@ def plot_analysis(rows: Sequence[dict[str, Any]], path: Path) -> Path:
         axes[1].set_yscale("log")
     axes[0].legend(fontsize=8)
     return save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The regime screen.
+
+
+def plot_screen(regimes: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Headroom H(Delta) (left) and H/prompt = |U| / P * H(Delta) (right) vs Delta, one line per regime, from the
+    regimes' pooled per-Delta rows (npo.analysis.screen)."""
+    fig, axes = pyplot().subplots(1, 2, figsize=(12, 4.5))
+    for i, regime in enumerate(regimes):
+        rows = [r for r in regime.get("deltas", []) if r.get("h") is not None]
+        if not rows:
+            continue
+        style = "o-" if i < 10 else "s--"
+        for ax, key in zip(axes, ("h", "h_per_prompt"), strict=True):
+            ax.plot([r["delta"] for r in rows], [100 * r[key] for r in rows], style, ms=4, label=regime["name"])
+    finish_axes(axes[0], "Delta (steps)", "H (points of U)", "H(Delta): share of U that pi(t+Delta) solves")
+    finish_axes(axes[1], "Delta (steps)", "H / prompt (points of P)", "|U|/P * H(Delta)")
+    return save_figure(fig, path)
