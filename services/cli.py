@@ -16,8 +16,9 @@
 
 Embedded default: every role runs in this process (services/ops/embedded.py). What a command does lives in
 services/ops (operating a run) and npo.analysis (reports); a handler here only passes the arguments on and prints.
-Errors a user can act on are one line on stderr with the exit code 2 (config), 1 (a service, a connection) or 130
-(interrupted). Nothing imports this module.
+Errors a user can act on are one line on stderr with the exit code 2 (config, a missing file, a damaged checkpoint),
+1 (a service, a connection) or 130 (interrupted). A run config is loaded and validated before torch, transformers or
+the runtime is imported, so a config error takes well under two seconds. Nothing imports this module.
 """
 
 from __future__ import annotations
@@ -149,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
 # The handlers: each returns the exit code.
 
 
+def _check_config(config: str | None, overrides: list[str]) -> None:
+    """Load and validate a run config (ConfigError naming the key); imports no torch, transformers or service."""
+    from npo.runtime.run_config import load_run_config
+
+    load_run_config(config, overrides)
+
+
 def _train(args: argparse.Namespace) -> int:
     if args.connect:
         return _train_connected(args)
@@ -190,6 +198,7 @@ def _up(args: argparse.Namespace) -> int:
 def _up_ray(args: argparse.Namespace) -> int:
     if args.prometheus:
         raise ConfigError("--prometheus: not with --ray (point prometheus.url at the cluster's Prometheus)")
+    _check_config(args.config, args.overrides)  # before importing Ray and joining its cluster
     from services.ops.ray_backend import up_ray
 
     started, _ = up_ray(args.config, args.overrides, args.out, ray_address=args.ray, replicas=args.replicas,
@@ -321,19 +330,36 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
 # Errors and the entry point.
 
 
+def _raised_by(exc: Exception, module: str, name: str) -> bool:
+    """Whether `exc` is `module`.`name`, without importing `module` (if it was never imported, it raised nothing)."""
+    loaded = sys.modules.get(module)
+    return loaded is not None and isinstance(exc, getattr(loaded, name))
+
+
+def _checkpoint_message(args: argparse.Namespace, exc: Exception) -> str:
+    """One line: the checkpoint problem (it names the checkpoint folder) and, unless it gives one, a hint."""
+    message = " ".join(str(exc).split("\n"))
+    if "hint:" in message:
+        return message
+    resume = getattr(args, "resume", None)
+    where = f"the run in {resume} cannot resume from it: " if resume else ""
+    return f"{message}; hint: {where}restore that checkpoint folder from a backup, or start a new run"
+
+
 def _error_code(args: argparse.Namespace, exc: Exception) -> int | None:
     """Print a one-line message for an error a user can act on and return its exit code; None: not such an error
-    (it propagates with its traceback)."""
+    (it propagates with its traceback). Runtime exceptions are recognised without importing the runtime."""
     if isinstance(exc, ConfigError):
         print(f"npo: config error: {exc}", file=sys.stderr)
+        return 2
+    if _raised_by(exc, "npo.runtime.checkpoint", "CheckpointError"):  # a RuntimeError, but the user's to fix
+        print(f"npo: checkpoint error: {_checkpoint_message(args, exc)}", file=sys.stderr)
         return 2
     service = args.command in SERVICE_COMMANDS or getattr(args, "connect", None)
     if isinstance(exc, FileNotFoundError | ConnectionError | TimeoutError) or service and isinstance(exc, RuntimeError):
         print(f"npo: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, FileNotFoundError) else 1
-    from npo.runtime.runner import Interrupted
-
-    if isinstance(exc, Interrupted):
+    if _raised_by(exc, "npo.runtime.runner", "Interrupted"):
         print(f"npo: {exc}; continue with: npo train --resume {exc.path.parent.parent}", file=sys.stderr)
         return 130
     return None

@@ -209,3 +209,44 @@ def test_train_device_is_checked_by_value_in_the_config_and_by_availability_wher
         with pytest.raises(ConfigError, match="train.device: 'cuda'"):
             resolve_device("cuda")
     assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_model_and_rollout_sections_live_in_the_pure_schema():
+    """ModelConfig and SamplingParams are defined here (no torch) and are the very classes the runtime uses."""
+    from npo.core import config
+    from npo.runtime import engine, models
+
+    assert models.ModelConfig is config.ModelConfig and engine.SamplingParams is config.SamplingParams
+    assert models.DEVICES is config.DEVICES and models.PRESETS is config.PRESETS
+    assert list(models.DTYPES) == list(config.MODEL_DTYPES)
+    for cls in (config.ModelConfig, config.SamplingParams):
+        docs = field_docstrings(cls)
+        assert all(docs.get(f.name, "").strip() for f in dataclasses.fields(cls)), cls
+        assert from_dict(cls, {}) == cls() and from_dict(cls, to_dict(cls())) == cls()
+    with pytest.raises(ConfigError, match=r"model.dtype: must be one of \['float32', 'bfloat16'\], got 'float16'"):
+        from_dict(config.ModelConfig, {"dtype": "float16"})
+
+
+def test_task_options_are_checked_last_and_other_errors_first():
+    """The task's generator options need reasoning-gym (a second to import): the run config checks them after
+    every other key, so any other error is reported without that import."""
+    from npo.runtime.run_config import load_run_config
+
+    with pytest.raises(ConfigError, match=r"task.options.min_termz: .*did you mean 'min_terms'"):
+        load_run_config(None, ["task.options={min_termz: 2}"])
+    with pytest.raises(ConfigError, match=r"algo.tau_gate: must be <= 1.0, got 1.5"):
+        load_run_config(None, ["task.options={min_termz: 2}", "algo.tau_gate=1.5"])
+
+
+def test_loading_a_run_config_imports_no_torch():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys; from npo.runtime.run_config import load_run_config; load_run_config('configs/tiny.yaml'); "
+        "print([m for m in ('torch', 'transformers', 'services') if m in sys.modules])"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "[]", done.stderr

@@ -269,3 +269,11 @@ def test_smollm2_converts_once_and_answers(tmp_path):
     assert _same_weights(again.model, policy.model)
     plain = AutoModelForCausalLM.from_pretrained(folder)
     assert type(plain).__name__ == "LlamaForCausalLM"
+
+
+def test_model_config_names_stay_importable_from_models():
+    from npo.core import config
+    from npo.runtime.models import DEVICES, DTYPES, PRESETS, SMOLLM2, TINY
+
+    assert (TINY, SMOLLM2, PRESETS, DEVICES) == (config.TINY, config.SMOLLM2, config.PRESETS, config.DEVICES)
+    assert ModelConfig is config.ModelConfig and tuple(DTYPES) == config.MODEL_DTYPES

@@ -325,3 +325,15 @@ def test_default_sizes_load_in_seconds(task_name):
     assert len(task.train) == 20000 and len(task.test) == 2000
     assert not {p.compact_prompt for p in task.train} & {p.compact_prompt for p in task.test}
     assert elapsed < 15, f"load_task({task_name}) took {elapsed:.1f} s of CPU"
+
+
+def test_validate_fields_leaves_the_generator_options_to_validate():
+    """from_dict (a run config's loading) runs validate_fields, which needs no reasoning-gym; the options are
+    checked by validate (load_task) and, last, by the run config (npo.runtime.run_config.RunConfig.validate)."""
+    cfg = from_dict(TaskConfig, {"options": {"min_termz": 2}}, prefix="task.")
+    cfg.validate_fields()
+    with pytest.raises(ConfigError, match=r"task.options.min_termz: .*did you mean 'min_terms'"):
+        cfg.validate_options()
+    with pytest.raises(ConfigError, match=r"task.options.min_termz"):
+        cfg.validate()
+    TaskConfig(name="jsonl", jsonl_train="x.jsonl").validate_options()  # jsonl: no generator, nothing to check

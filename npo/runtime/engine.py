@@ -3,7 +3,8 @@
 The engine knows nothing about tokenization: it takes and returns token id sequences. It samples with its own
 loop over a KV cache (not transformers' `generate`, whose default top-k of 50 would make the recorded behaviour
 log-probs differ from the distribution actually sampled), so the log-probs it returns are exactly those of the
-temperature-scaled distribution the sampler drew from. Batch layout: npo.runtime.batch.
+temperature-scaled distribution the sampler drew from. Batch layout: npo.runtime.batch. SamplingParams (the
+`rollout:` section) is defined in npo.core.config, without torch, and imported here.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any, Protocol
 
 import torch
 
-from npo.core.config import ConfigError
+from npo.core.config import SamplingParams
 from npo.runtime.batch import (
     accepts,
     build_batch,
@@ -24,37 +25,6 @@ from npo.runtime.batch import (
     position_ids_from_mask,
     token_logprobs,
 )
-
-
-@dataclass
-class SamplingParams:
-    """How the rollout engine samples (no top-k: the full distribution, optionally top-p truncated)."""
-
-    temperature: float = 1.0
-    """Logits are divided by this before the softmax; 0 means greedy (argmax), whose reported log-probs are those
-    of the unscaled (temperature 1) distribution."""
-    top_p: float = 1.0
-    """Nucleus sampling: sample from the smallest set of most likely tokens whose probability mass reaches top_p
-    (1.0 = the full distribution)."""
-    max_new_tokens: int = 8
-    """Most tokens generated per response (EOS included)."""
-    stop_on_eos: bool = True
-    """Stop a response at its first EOS (then `finished` is true); when false, generation always runs to
-    max_new_tokens and `finished` is false."""
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise ConfigError naming the first field out of range."""
-        if not self.temperature >= 0.0:
-            raise ConfigError(f"temperature: must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"top_p: must be in (0, 1], got {self.top_p}")
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
-            raise ConfigError(f"max_new_tokens: must be an integer, got {self.max_new_tokens!r}")
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
 
 
 @dataclass

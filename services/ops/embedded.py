@@ -8,6 +8,7 @@ end.
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,16 +17,28 @@ from npo.core.config import ConfigError
 from services.wiring import build_learner, build_policy_and_task, open_store
 
 
+def _is_checkpoint(folder: Path) -> bool:
+    """A complete checkpoint folder as npo.runtime.checkpoint lists it (without importing torch)."""
+    return re.fullmatch(r"step_\d{6,}", folder.name) is not None and (folder / "meta.json").is_file()
+
+
 def resolve_run(config: str | None, overrides: list[str], out: str | None, resume: str | None):
     """(run config, run folder): a new run's (default folder runs/<method>-seed<seed>-<time>), or with `resume` the
-    run in that folder (its config.yaml unless `config` is given)."""
+    run in that folder (its config.yaml unless `config` is given). Imports no torch: a config error or a folder that
+    cannot be resumed is reported before the runtime is imported."""
     from npo.runtime.run_config import load_run_config
 
     if resume:
         run_dir = Path(resume)
         if not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"--resume: {run_dir} has no config.yaml (is it a run folder?)")
-        return load_run_config(config or run_dir / "config.yaml", overrides), run_dir
+        cfg = load_run_config(config or run_dir / "config.yaml", overrides)
+        if not any(_is_checkpoint(p) for p in (run_dir / "checkpoints").glob("step_*")):
+            raise FileNotFoundError(
+                f"--resume: {run_dir} has no checkpoint to resume from (checkpoints/step_NNNNNN); start it anew: "
+                f"npo train --config {run_dir / 'config.yaml'} --out DIR"
+            )
+        return cfg, run_dir
     cfg = load_run_config(config, overrides)
     return cfg, Path(out or f"runs/{cfg.method.value}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
 
@@ -58,9 +71,9 @@ def train(
     metrics_address: str = "127.0.0.1",
 ) -> Path:
     """Train a run (or continue `resume` from its latest checkpoint), then write its report; returns the run folder."""
+    cfg, run_dir = resolve_run(config, overrides, out, resume)  # before the runtime's import: config errors are fast
     from npo.runtime.runner import Runner
 
-    cfg, run_dir = resolve_run(config, overrides, out, resume)
     started = time.perf_counter()
     policy, task = build_policy_and_task(cfg)
     with open_store(cfg.cache.url, cfg.cache.prefix) as store:
@@ -81,13 +94,16 @@ def train(
 
 def demo(config: str | None, overrides: list[str], out: str) -> None:
     """GRPO and AutoNPO on the same seed in out/grpo and out/autonpo, then their comparison report."""
-    from npo.analysis.report import compare_runs
-
     out_dir = Path(out)
+    methods = ("grpo", "autonpo")
+    for method in methods:  # both configs are checked before the first run starts
+        resolve_run(config, [*overrides, f"method={method}"], str(out_dir / method), None)
     runs = []
-    for method in ("grpo", "autonpo"):
+    for method in methods:
         print(f"== {method} ==")
         runs.append(train(config, [*overrides, f"method={method}"], str(out_dir / method), None))
+    from npo.analysis.report import compare_runs
+
     table, path = compare_runs(runs, out_dir)
     print(table)
     print(f"comparison report: {path}")
