@@ -448,11 +448,11 @@ class ServiceClient:
             name = f"{self.label().lower()}-client"
             self._pool = futures.ThreadPoolExecutor(max_workers=len(self.addresses), thread_name_prefix=name)
 
-    def _call(self, method: str, request: Message, replica: int = 0) -> Any:
-        """Send `request` to `method` (of replica `replica`) with the deadline; a failure becomes `_error`'s
-        exception."""
+    def _call(self, method: str, request: Message, replica: int = 0, *, timeout_s: float | None = None) -> Any:
+        """Send `request` to `method` (of replica `replica`) with the deadline (`timeout_s`, default the client's);
+        a failure becomes `_error`'s exception."""
         try:
-            return getattr(self._stubs[replica], method)(request, timeout=self.timeout_s)
+            return getattr(self._stubs[replica], method)(request, timeout=timeout_s or self.timeout_s)
         except grpc.RpcError as error:
             raise self._error(error, method, self.addresses[replica]) from None
 

@@ -1,5 +1,7 @@
 """GuidanceCacheService end to end: the GuideStore behaviour through GuidanceCacheClient, a real gRPC server on
-127.0.0.1 (ephemeral port) and a real embedded Redis behind it; status codes, deadlines, retries, health, limits."""
+127.0.0.1 (ephemeral port) and a real embedded Redis behind it; status codes, deadlines, retries, health, limits;
+guide values refused at the boundary; faults: health following Redis, an embedded Redis restarted with its
+append-only file, a cache restarted on the same port and data folder while a client waits for it."""
 
 from __future__ import annotations
 
@@ -20,8 +22,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from npo.core.types import Sample
 from npo.runtime.store import GuideStore, MemoryGuideStore
+from services.codec import sample_to_message
 from services.grpc_common import RetryPolicy, make_server, open_channel, retried_methods, status_for
-from services.guidance_cache.client import GuidanceCacheClient
+from services.guidance_cache.client import RETRIED_METHODS, GuidanceCacheClient
 from services.guidance_cache.embedded import EmbeddedRedis
 from services.guidance_cache.server import SERVICE_NAME, raw_guides_reply, serve
 from services.guidance_cache.store import RedisGuideStore
@@ -107,9 +110,9 @@ def test_client_satisfies_the_guide_store_protocol(store):
 
 
 def test_guides_round_trip_exactly(store):
-    awkward = [0.1 + 0.2, -1e-300, -5e-324, math.nextafter(-1.0, 0.0), -123456.789012345678, -math.inf, 0.0]
+    awkward = [0.1 - 0.3, -1e-300, -5e-324, math.nextafter(-1.0, 0.0), -123456.789012345678, -1.7e308, 0.0]
     original = Sample("p/1 é", [5, 6, 7, 8, 9, 10, 2], awkward, reward=0.75, text="x = ½\n", policy_step=40)
-    unfinished = Sample("p2", [], [], reward=0.0, text="", policy_step=-1, finished=False)
+    unfinished = Sample("p2", [0], [-0.0], reward=0.0, text="", policy_step=-1, finished=False)
     assert store.put_guides("run", 40, [original, unfinished]) == 2
 
     got = store.get_guides("run", 40, ["p/1 é", "p2"])
@@ -118,8 +121,8 @@ def test_guides_round_trip_exactly(store):
 
 
 def test_get_guides_reply_is_the_stored_bytes_and_keeps_every_value(make_client):
-    ids = [0, 127, 128, 151_935, 2**31 - 1, -1, -(2**31)]  # one- to ten-byte varints
-    logprobs = [-0.0, math.nan, -math.inf, -5e-324, -1e-300, math.nextafter(-1.0, 0.0), -7.25]
+    ids = [0, 127, 128, 151_935, 2**31 - 1, 16_383, 2**21]  # one- to five-byte varints (negative ids are refused)
+    logprobs = [-0.0, -1.7e308, -math.pi, -5e-324, -1e-300, math.nextafter(-1.0, 0.0), -7.25]
     original = Sample("p", ids, logprobs, reward=-0.5, text="ü", policy_step=-1, finished=False)
     client = make_client()
     client.put_guides("run", 3, [original])
@@ -362,7 +365,7 @@ def test_exceptions_map_to_status_codes_and_back(silent_server, caplog):
 def test_idempotent_calls_retry_until_a_late_server_starts(redis_server):
     port = free_port()
     outcome = {}
-    # The default policy: retries after about 0.2, 0.6, 1.4 and 3.0 s (+-20%).
+    # The default policy: the client's retries (0.1 s doubling up to 2 s) within its 120 s retry deadline.
     with GuidanceCacheClient(f"127.0.0.1:{port}", timeout_s=8.0) as client:
 
         def read() -> None:
@@ -447,3 +450,221 @@ def test_main_serves_an_embedded_redis_until_sigterm():
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Guide values the learner cannot train on: INVALID_ARGUMENT naming the field and the guide, nothing stored.
+
+BAD_GUIDES = {
+    "NaN log-prob": (
+        Sample("b", [3, 4], [-0.5, math.nan], 1.0),
+        "guides[1].logprobs[1]: nan is not a finite log-prob (prompt 'b')",
+    ),
+    "inf log-prob": (
+        Sample("b", [3, 4], [math.inf, -0.5], 1.0),
+        "guides[1].logprobs[0]: inf is not a finite log-prob (prompt 'b')",
+    ),
+    "-inf log-prob": (
+        Sample("b", [3, 4], [-0.5, -math.inf], 1.0),
+        "guides[1].logprobs[1]: -inf is not a finite log-prob (prompt 'b')",
+    ),
+    "positive log-prob": (
+        Sample("b", [3, 4, 5], [-0.5, -0.1, 0.25], 1.0),
+        "guides[1].logprobs[2]: 0.25 > 0 is not a log-prob (tolerance 1e-06) (prompt 'b')",
+    ),
+    "log-prob just over the tolerance": (
+        Sample("b", [3], [2e-6], 1.0),
+        "guides[1].logprobs[0]: 2e-06 > 0 is not a log-prob (tolerance 1e-06) (prompt 'b')",
+    ),
+    "NaN reward": (Sample("b", [3], [-0.5], math.nan), "guides[1].reward: nan is not a finite reward (prompt 'b')"),
+    "inf reward": (Sample("b", [3], [-0.5], -math.inf), "guides[1].reward: -inf is not a finite reward (prompt 'b')"),
+    "negative token id": (
+        Sample("b", [3, -7, 4], [-0.5, -0.5, -0.5], 1.0),
+        "guides[1].response_ids[1]: token id -7 is negative (prompt 'b')",
+    ),
+    "empty response": (
+        Sample("b", [], [], 1.0),
+        "guides[1].response_ids: empty response (a guide needs at least one token) (prompt 'b')",
+    ),
+    "lengths that disagree": (  # a Sample cannot be built so; only a request can carry it
+        common_pb2.Sample(prompt_id="b", response_ids=[3, 4, 5], logprobs=[-0.5], reward=1.0),
+        "guides[1].logprobs: expected one log-prob per response token (3), got 1 (prompt 'b')",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_GUIDES))
+def test_bad_guide_values_get_invalid_argument_and_nothing_is_stored(raw_stub, store, case):
+    bad, message = BAD_GUIDES[case]
+    bad_message = bad if isinstance(bad, common_pb2.Sample) else sample_to_message(bad)
+    request = pb.PutGuidesRequest(run="run", guide_step=1, guides=[sample_to_message(guide("a")), bad_message])
+    with pytest.raises(grpc.RpcError) as info:
+        raw_stub.PutGuides(request, timeout=5.0)
+    assert (info.value.code(), info.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, message)
+    assert raw_stub.Stats(pb.StatsRequest(run="run"), timeout=5.0).guides == 0  # not even the good guide "a"
+    if isinstance(bad, Sample):
+        with pytest.raises(ValueError) as raised:  # through the client: ValueError with the same message
+            store.put_guides("run", 1, [guide("a"), bad])
+        assert str(raised.value) == message
+        assert store.stats("run") == {"guide_steps": {}, "guides": 0, "mistakes": 0}
+
+
+def test_log_probs_within_the_tolerance_are_accepted(store):
+    rounded = Sample("a", [3, 4, 5], [6e-8, 1e-6, -0.0], reward=0.0)  # log(1) of a float32 softmax can be +6e-8
+    assert store.put_guides("run", 1, [rounded]) == 1
+    assert store.get_guides("run", 1, ["a"]) == {"a": rounded}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sending a call again never doubles anything (the client retries these while the cache is unavailable).
+
+
+def test_retried_calls_sent_twice_leave_the_state_of_one(store):
+    guides = [guide("a"), guide("b", logprobs=[-0.25])]
+    for _ in range(2):
+        assert store.put_guides("run", 4, guides) == 2
+        store.record_mistakes("run", 3, ["a", "c"])
+    assert store.stats("run") == {"guide_steps": {4: 2}, "guides": 2, "mistakes": 2}
+    assert store.get_guides("run", 4, ["a", "b"]) == {"a": guides[0], "b": guides[1]}
+    assert store.get_mistakes("run", 0, 10) == {"a": 3, "c": 3}
+    for _ in range(2):
+        store.clear_run("run")
+    assert store.stats("run") == {"guide_steps": {}, "guides": 0, "mistakes": 0}
+    assert GuidanceCacheClient.__module__ == "services.guidance_cache.client"
+    assert sorted(RETRIED_METHODS) == sorted(retried_methods(pb.DESCRIPTOR.services_by_name["GuidanceCacheService"]))
+
+
+def test_a_call_gives_up_after_its_retry_deadline(caplog):
+    caplog.set_level(logging.WARNING, logger="services.guidance_cache.client")
+    with GuidanceCacheClient(f"127.0.0.1:{free_port()}", timeout_s=5.0, retry_deadline_s=1.0) as client:
+        started = time.monotonic()
+        with pytest.raises(
+            ConnectionError, match=r"GetGuides to [\d.:]+: still unavailable after \d+\.\d s \(\d+ attempts; last: "
+        ):
+            client.get_guides("run", 1, ["a"])
+        assert 0.5 < time.monotonic() - started < 4.0
+    waiting = [r.getMessage() for r in caplog.records if "retrying for up to 1 s" in r.getMessage()]
+    assert len(waiting) == 1  # one line when it starts waiting, not one per attempt
+    with pytest.raises(ValueError, match="retry_deadline_s"):
+        GuidanceCacheClient("127.0.0.1:1", retry_deadline_s=-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Faults: health follows Redis, an embedded Redis is restarted with its data, a restarted cache keeps everything.
+
+
+def health_status(port: int) -> int:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=2
+        )
+    return reply.status
+
+
+def wait_for_health(port: int, status: int, timeout: float = 10.0) -> float:
+    """Seconds until the service reports `status` (fails the test after `timeout`)."""
+    started = time.monotonic()
+    while health_status(port) != status:
+        assert time.monotonic() - started < timeout, f"health not {status} within {timeout} s"
+        time.sleep(0.02)
+    return time.monotonic() - started
+
+
+def test_health_follows_an_external_redis_and_calls_are_unavailable_meanwhile(tmp_path):
+    redis_process = EmbeddedRedis(data_dir=tmp_path / "data")  # stands for a Redis at cache.url: nobody restarts it
+    store = RedisGuideStore(redis_process.url, prefix="ext")
+    server, port = serve(store, "127.0.0.1:0", health_interval_s=0.1)
+    try:
+        with GuidanceCacheClient(f"127.0.0.1:{port}", timeout_s=5.0, retry_deadline_s=0) as client:
+            client.put_guides("run", 2, [guide("a")])
+            assert health_status(port) == health_pb2.HealthCheckResponse.SERVING
+            os.kill(redis_process.pid, signal.SIGKILL)
+            assert wait_for_health(port, health_pb2.HealthCheckResponse.NOT_SERVING) < 2.0
+            with pytest.raises(
+                ConnectionError, match=r"server unavailable: guidance cache: cannot reach Redis at unix:"
+            ):
+                client.get_guides("run", 2, ["a"])  # UNAVAILABLE with the reason, not INTERNAL
+            redis_process.restart()
+            assert wait_for_health(port, health_pb2.HealthCheckResponse.SERVING) < 2.0
+            assert client.get_guides("run", 2, ["a"]) == {"a": guide("a")}  # redis-py reconnected; the AOF kept it
+    finally:
+        server.stop(None)
+        store.close()
+        redis_process.stop()
+
+
+def test_an_embedded_redis_that_dies_is_restarted_with_every_guide(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="services.guidance_cache.server")
+    embedded = EmbeddedRedis(data_dir=tmp_path / "data")
+    store = RedisGuideStore(embedded.url, prefix="emb")
+    server, port = serve(store, "127.0.0.1:0", embedded=embedded, health_interval_s=0.1)
+    try:
+        with GuidanceCacheClient(f"127.0.0.1:{port}", timeout_s=5.0) as client:
+            guides = [guide(f"p{i}", logprobs=[-0.5 - i]) for i in range(50)]
+            client.put_guides("run", 5, guides)
+            client.record_mistakes("run", 4, ["m1", "m2"])
+            dead = embedded.pid
+            os.kill(dead, signal.SIGKILL)
+            started = time.monotonic()
+            while embedded.pid == dead or health_status(port) != health_pb2.HealthCheckResponse.SERVING:
+                assert time.monotonic() - started < 3.0, "not restarted within 3 s"
+                time.sleep(0.02)
+            assert client.get_guides("run", 5, [g.prompt_id for g in guides]) == {g.prompt_id: g for g in guides}
+            assert client.get_mistakes("run", 0, 10) == {"m1": 4, "m2": 4}
+        messages = [r.getMessage() for r in caplog.records]
+        assert any(f"pid {dead} exited with code -9): health NOT_SERVING" in m for m in messages), messages
+        assert any(m.startswith("embedded Redis restarted in") for m in messages), messages
+        assert any("answers again after" in m and m.endswith("health SERVING") for m in messages), messages
+    finally:
+        server.stop(None)
+        store.close()
+        embedded.stop()
+
+
+def start_cache(port: int, data_dir: Path) -> subprocess.Popen:
+    """`python -m services.guidance_cache` on 127.0.0.1:`port` with `data_dir`, once it serves."""
+    command = [sys.executable, "-m", "services.guidance_cache", "--address", f"127.0.0.1:{port}"]
+    command += ["--data-dir", str(data_dir)]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = process.stdout.readline()
+    assert line.startswith(f"guidance cache: serving on 127.0.0.1:{port}"), process.stderr.read()
+    assert f"append-only file in {data_dir}" in line
+    return process
+
+
+def test_a_restarted_cache_has_every_guide_and_mistake_and_the_client_waits_for_it(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="services.guidance_cache.client")
+    port, data_dir = free_port(), tmp_path / "cache-data"
+    process = start_cache(port, data_dir)
+    guides = [guide(f"p{i}", step=i, logprobs=[-0.5] * (i + 1)) for i in range(20)]
+    try:
+        with GuidanceCacheClient(f"127.0.0.1:{port}", timeout_s=5.0) as client:
+            client.put_guides("run", 10, guides)
+            client.record_mistakes("run", 7, ["m1", "m2"])
+            client.record_mistakes("run", 8, ["m3"])
+            process.kill()  # SIGKILL: its Redis gets SIGTERM from the kernel (parent death)
+            process.wait()
+            outcome = {}
+
+            def put_while_down() -> None:
+                try:
+                    outcome["written"] = client.put_guides("run", 11, guides[:3])
+                except Exception as exc:  # reported by the assertion below
+                    outcome["error"] = exc
+
+            writer = threading.Thread(target=put_while_down)
+            writer.start()
+            time.sleep(0.5)
+            assert writer.is_alive()  # waiting for the cache, not failed
+            process = start_cache(port, data_dir)  # same port, same data folder
+            writer.join(15.0)
+            assert outcome == {"written": 3}
+            assert client.get_guides("run", 10, [g.prompt_id for g in guides]) == {g.prompt_id: g for g in guides}
+            assert client.get_mistakes("run", 0, 100) == {"m1": 7, "m2": 7, "m3": 8}
+            assert client.stats("run") == {"guide_steps": {10: 20, 11: 3}, "guides": 23, "mistakes": 3}
+        messages = [r.getMessage() for r in caplog.records]
+        assert sum("PutGuides" in m and "retrying for up to 120 s" in m for m in messages) == 1, messages
+        assert sum("PutGuides" in m and "answered after" in m for m in messages) == 1, messages
+    finally:
+        process.kill()
+        process.wait()

@@ -18,6 +18,13 @@ GUIDES = [
     Sample("p2", [7], [float("nan")], 0.5, "ünï", 40, False),
     Sample("p3", [], [], 0.0, "", 40, True),
 ]
+VALID_GUIDES = [
+    Sample("p1", [5, 6, 2], [-0.1, -1.7e308, -1e-300], 1.0, "12", 40, True),
+    Sample("p2", [7], [-0.0], 0.5, "ünï", 40, False),
+    Sample("p3", [0], [-5e-324], 0.0, "", 40, True),
+]
+"""What a put accepts (finite log-probs <= 0, a non-empty response: services.codec.check_guide); GUIDES, with NaN,
+-inf and an empty response, are still read back exactly when an older version stored them."""
 
 
 @pytest.fixture
@@ -38,13 +45,13 @@ def same(a, b):
 
 def test_guides_are_stored_as_protobuf_and_read_back_exactly(served):
     server, store, client = served
-    store.put_guides("r", 40, GUIDES)
+    store.put_guides("r", 40, VALID_GUIDES)
     raw = redis.Redis.from_url(server.url).hget("npo:r:guides:40", "p1")
     assert raw[:1] == b"\x0a"  # a serialized Sample, not JSON
     for reader in (store, client):
         got = reader.get_guides("r", 40, ["p3", "p1", "missing", "p2", "p1"])
         assert list(got) == ["p3", "p1", "p2"]
-        for sample in GUIDES:
+        for sample in VALID_GUIDES:
             same(got[sample.prompt_id], sample)
 
 

@@ -77,9 +77,9 @@ def test_both_stores_satisfy_the_protocol(store):
 
 
 def test_guides_round_trip_exactly(store):
-    awkward = [0.1 + 0.2, -1e-300, -5e-324, math.nextafter(-1.0, 0.0), -123456.789012345678, -math.inf, 0.0]
+    awkward = [0.1 - 0.3, -1e-300, -5e-324, math.nextafter(-1.0, 0.0), -123456.789012345678, -1.7e308, 0.0]
     original = Sample("p/1 é", [5, 6, 7, 8, 9, 10, 2], awkward, reward=0.75, text="x = ½\n", policy_step=40)
-    unfinished = Sample("p2", [], [], reward=0.0, text="", policy_step=40, finished=False)
+    unfinished = Sample("p2", [0], [-0.0], reward=0.0, text="", policy_step=40, finished=False)
     assert store.put_guides("run", 40, [original, unfinished]) == 2
 
     got = store.get_guides("run", 40, ["p/1 é", "p2"])
@@ -345,3 +345,82 @@ def test_embedded_redis_dies_with_its_parent(ending):
     if ending == "exit":  # a clean exit also removes the private directory
         assert not os.path.exists(directory)
     shutil.rmtree(directory, ignore_errors=True)  # after SIGKILL nobody could
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Faults and data integrity of the Redis store: an append-only data folder, a restarted server, bad guide values.
+
+
+def test_embedded_redis_with_a_data_dir_keeps_every_key_across_restarts(tmp_path):
+    data = tmp_path / "data"
+    guides = [guide(f"p{i}", logprobs=[-0.5] * (i + 1)) for i in range(30)]
+    with EmbeddedRedis(data_dir=data) as embedded, RedisGuideStore(embedded.url) as store:
+        store.put_guides("run", 3, guides)
+        store.record_mistakes("run", 2, ["m1", "m2"])
+        os.kill(embedded.pid, signal.SIGKILL)  # no clean shutdown: only what was fsynced before each answer
+        deadline = time.monotonic() + 5.0
+        while embedded.is_running() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert embedded.exit_code == -signal.SIGKILL
+        assert not store.ping()
+        with pytest.raises(ConnectionError, match="cannot reach Redis at unix://"):
+            store.get_guides("run", 3, ["p0"])
+        assert embedded.restart() < 5.0  # same socket: the store's URL still works
+        assert store.ping()
+        assert store.get_guides("run", 3, [g.prompt_id for g in guides]) == {g.prompt_id: g for g in guides}
+        store.record_mistakes("run", 4, ["m3"])
+    assert (data / "appendonlydir").is_dir()
+    with EmbeddedRedis(data_dir=data) as again, RedisGuideStore(again.url) as store:  # a new server on the folder
+        assert store.stats("run") == {"guide_steps": {3: 30}, "guides": 30, "mistakes": 3}
+        assert store.get_mistakes("run", 0, 10) == {"m1": 2, "m2": 2, "m3": 4}
+
+
+def test_a_data_dir_serves_one_server_at_a_time(tmp_path):
+    with EmbeddedRedis(data_dir=tmp_path / "data"):
+        with pytest.raises(RuntimeError, match=r"data folder .*data is in use by another server"):
+            EmbeddedRedis(data_dir=tmp_path / "data", start_timeout=0.3)
+    with EmbeddedRedis(data_dir=tmp_path / "data") as next_one:  # free again once the first stopped
+        assert next_one.is_running()
+    with pytest.raises(ValueError, match="appendfsync"):
+        EmbeddedRedis(data_dir=tmp_path / "data", appendfsync="no")
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (Sample("b", [3], [math.nan]), "guides[1].logprobs[0]: nan is not a finite log-prob (prompt 'b')"),
+        (Sample("b", [3], [0.5]), "guides[1].logprobs[0]: 0.5 > 0 is not a log-prob (tolerance 1e-06) (prompt 'b')"),
+        (Sample("b", [3], [-0.5], math.inf), "guides[1].reward: inf is not a finite reward (prompt 'b')"),
+        (Sample("b", [-1], [-0.5]), "guides[1].response_ids[0]: token id -1 is negative (prompt 'b')"),
+        (Sample("b", [], []), "guides[1].response_ids: empty response (a guide needs at least one token) (prompt 'b')"),
+    ],
+)
+def test_the_redis_store_refuses_guides_the_learner_cannot_train_on(server, bad, message):
+    """The embedded run writes through RedisGuideStore directly (no gRPC): the same check, before any write."""
+    with RedisGuideStore(server.url, prefix="bad-values") as store:
+        with pytest.raises(ValueError) as info:
+            store.put_guides("run", 1, [guide("a"), bad])
+        assert str(info.value) == message
+        assert redis.Redis.from_url(server.url).keys("bad-values:*") == []
+
+
+@pytest.mark.parametrize(
+    "reply, raised",
+    [
+        ("LOADING Redis is loading the dataset in memory", ConnectionError),
+        ("MISCONF Errors writing to disk", ConnectionError),
+        ("WRONGTYPE Operation against a key holding the wrong kind of value", redis.ResponseError),
+    ],
+)
+def test_error_replies_of_a_server_that_cannot_serve_now_are_connection_errors(server, reply, raised):
+    """ConnectionError is answered UNAVAILABLE by the service (and retried by its clients); a command error is not."""
+
+    class Replying(redis.Redis):
+        def hmget(self, *args, **kwargs):
+            raise redis.ResponseError(reply)
+
+    with RedisGuideStore(Replying.from_url(server.url), prefix="replies") as store:
+        with pytest.raises(raised) as info:
+            store.get_guides("run", 1, ["a"])
+    if raised is ConnectionError:
+        assert str(info.value) == f"guidance cache: Redis at {store.address} cannot serve now: {reply}"

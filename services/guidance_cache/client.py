@@ -4,27 +4,58 @@
         store.put_guides("run-1", 40, guides)
         store.get_guides("run-1", 40, ["p3", "p7"])
 
-Arguments are validated by the server (the same checks as every GuideStore); its INVALID_ARGUMENT comes back as
-ValueError with the server's message. Only what cannot travel (a float step, a string instead of a list of ids, an
-object that is not a Sample) is rejected here, with a ValueError naming the argument. Every call has a deadline
-(`timeout_s`, TimeoutError when it passes); the idempotent ones (put and get of guides, mistakes record and read,
-stats, clear) are retried on UNAVAILABLE with exponential backoff; a server that stays unreachable raises
-ConnectionError.
+Arguments are validated by the server (the same checks as every GuideStore, and services.codec.check_guide on
+guides); its INVALID_ARGUMENT comes back as ValueError with the server's message. Only what cannot travel (a float
+step, a string instead of a list of ids, an object that is not a Sample) is rejected here, with a ValueError naming
+the argument. Every attempt has a deadline (`timeout_s`, TimeoutError when it passes).
+
+Riding out a cache that is down: a call that fails with UNAVAILABLE (the cache restarting, its Redis restarting or
+loading its data, a broken connection) is sent again with exponential backoff (RETRY_FIRST_PAUSE_S doubling up to
+RETRY_MAX_PAUSE_S) until it succeeds or `retry_deadline_s` (default 120 s) has passed since the first attempt; then
+ConnectionError. One line is logged when a call starts waiting and one when it succeeds again. The methods retried
+are those the .proto marks IDEMPOTENT or NO_SIDE_EFFECTS, and sending one of them again never doubles anything (the
+stored state after two deliveries is the state after one; tests/test_guidance_cache_service.py checks it):
+- PutGuides: HSET of the same values under the same keys + ZADD of the same step, in one transaction; a put of the
+  same guides again changes nothing (the guide of a prompt is replaced, never appended).
+- RecordMistakes: ZADD prompt -> step, a prompt's record replaced by the same one; the trim to max_mistakes gives
+  the same pool.
+- ClearRun: deleting what is already deleted changes nothing.
+- GetGuides, GetMistakes, ListGuideSteps, Stats: reads.
+TruncateMistakes and DeleteGuides are not retried: their state change is idempotent too, but a repeated call would
+report 0 removed. The learner makes its cache calls one at a time, so no other write of the run comes between two
+deliveries.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
+from google.protobuf.message import Message
+
 from npo.core.types import Sample
 from services.codec import sample_from_message, sample_to_message
-from services.grpc_common import ServiceClient
+from services.grpc_common import RetryPolicy, ServiceClient, retried_methods
 from services.proto.npo.v1 import guidance_cache_pb2 as pb
 from services.proto.npo.v1 import guidance_cache_pb2_grpc as pb_grpc
 
+log = logging.getLogger(__name__)
+
 DEFAULT_TIMEOUT_S = 10.0
-"""Deadline of one guidance-cache call (retries included)."""
+"""Deadline of one attempt of a guidance-cache call."""
+DEFAULT_RETRY_DEADLINE_S = 120.0
+"""How long a call keeps being retried while the cache is unavailable (0: not at all)."""
+RETRY_FIRST_PAUSE_S = 0.1
+"""Pause before the first retry of an unavailable cache; each next one doubles, up to RETRY_MAX_PAUSE_S."""
+RETRY_MAX_PAUSE_S = 2.0
+"""Longest pause between two attempts."""
+CHANNEL_RETRY = RetryPolicy(max_attempts=2, initial_backoff_s=0.1, max_backoff_s=1.0)
+"""The channel's own retry of a client made without `retry`: one quick retry, and reconnection attempts at most 1 s
+apart, so an attempt on a cache that is down fails fast and the loop of `_call` paces the waiting."""
+RETRIED_METHODS = frozenset(retried_methods(pb.DESCRIPTOR.services_by_name["GuidanceCacheService"]))
+"""Methods retried while the cache is unavailable: the idempotent ones of the .proto (see the module docstring)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -96,12 +127,57 @@ def stats_from_reply(reply: pb.StatsResponse) -> dict[str, Any]:
 
 class GuidanceCacheClient(ServiceClient):
     """A GuideStore whose guides and mistake pool live in a GuidanceCacheService at `address` ("host:port").
-    Keyword arguments: timeout_s (default DEFAULT_TIMEOUT_S), retry, max_message_bytes, credentials
+    Keyword arguments: retry_deadline_s (how long a call waits for an unavailable cache, default
+    DEFAULT_RETRY_DEADLINE_S; 0: fail at once), timeout_s (one attempt, default DEFAULT_TIMEOUT_S), retry (the
+    channel's own retries and reconnection pace, default CHANNEL_RETRY), max_message_bytes, credentials
     (services.grpc_common.ServiceClient)."""
 
     service = pb.DESCRIPTOR.services_by_name["GuidanceCacheService"]
     stub_class = pb_grpc.GuidanceCacheServiceStub
     default_timeout_s = DEFAULT_TIMEOUT_S
+
+    def __init__(self, target: str, *, retry_deadline_s: float = DEFAULT_RETRY_DEADLINE_S, **options: Any) -> None:
+        if isinstance(retry_deadline_s, bool) or not isinstance(retry_deadline_s, (int, float)) or retry_deadline_s < 0:
+            raise ValueError(f"retry_deadline_s: expected a non-negative number of seconds, got {retry_deadline_s!r}")
+        self.retry_deadline_s = float(retry_deadline_s)
+        options.setdefault("retry", CHANNEL_RETRY)
+        super().__init__(target, **options)
+
+    def _call(self, method: str, request: Message, replica: int = 0, *, timeout_s: float | None = None) -> Any:
+        """ServiceClient._call, sent again while the cache is unavailable (ConnectionError) until retry_deadline_s."""
+        if method not in RETRIED_METHODS or not self.retry_deadline_s:
+            return super()._call(method, request, replica, timeout_s=timeout_s)
+        started = time.monotonic()
+        deadline, pause, attempts = started + self.retry_deadline_s, RETRY_FIRST_PAUSE_S, 1
+        while True:
+            attempt = min(timeout_s or self.timeout_s, max(deadline - time.monotonic(), 0.1))
+            try:
+                reply = super()._call(method, request, replica, timeout_s=attempt)
+            except (ConnectionError, TimeoutError) as exc:
+                waited = time.monotonic() - started
+                if isinstance(exc, TimeoutError) and attempt >= (timeout_s or self.timeout_s):
+                    raise  # a whole attempt without an answer: a slow cache, not one that is down
+                if time.monotonic() + pause > deadline:
+                    where = f"{self.label()}.{method} to {self.address}"
+                    raise ConnectionError(
+                        f"{where}: still unavailable after {waited:.1f} s ({attempts} attempts; last: {exc})"
+                    ) from None
+                if attempts == 1:
+                    log.warning("%s; retrying for up to %g s", exc, self.retry_deadline_s)
+                time.sleep(pause)
+                pause, attempts = min(pause * 2, RETRY_MAX_PAUSE_S), attempts + 1
+                continue
+            if attempts > 1:
+                waited = time.monotonic() - started
+                log.warning(
+                    "%s.%s to %s: answered after %.1f s (%d attempts)",
+                    self.label(),
+                    method,
+                    self.address,
+                    waited,
+                    attempts,
+                )
+            return reply
 
     # -- guides ----------------------------------------------------------------------------------------------------
 

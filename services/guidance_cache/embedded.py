@@ -2,17 +2,23 @@
 and stopped by this process, so the embedded runtime runs the same cache code as production.
 
 The server listens on a unix socket in a private temporary directory (mode 0700), or on a free 127.0.0.1 port when
-unix sockets cannot be used, and keeps nothing on disk (no RDB snapshots, no AOF). It is stopped by `stop()`, by
-leaving a `with` block, when the object is garbage-collected, at interpreter exit, and (on Linux, best effort) by the
-kernel when the process that started it dies.
+unix sockets cannot be used. By default it keeps nothing on disk (no RDB snapshots, no AOF: the embedded run clears
+its keys at its end anyway); with `data_dir` it keeps an append-only file there (`appendfsync always` by default: a
+write is on disk before it is answered), so a server started again on the folder has every key. `restart()` starts
+a server that died again on the same socket or port and data folder. It is stopped by `stop()`, by leaving a `with`
+block, when the object is garbage-collected, at interpreter exit, and (on Linux, best effort) by the kernel when the
+process that started it dies.
 
     with EmbeddedRedis() as server:
         store = RedisGuideStore(server.url)
+    with EmbeddedRedis(data_dir="runs/svc/cache-data") as server:   # survives a restart of the server
+        ...
 """
 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import importlib.util
 import os
 import platform
@@ -105,8 +111,33 @@ def _parent_death_hook() -> Callable[[], None]:
     return hook
 
 
-def _shutdown(process: subprocess.Popen, log: IO[bytes], directory: Path) -> None:
-    """Terminate the server (SIGTERM, then SIGKILL after 5 s), close its log and remove its directory."""
+def _lock_data_dir(data_dir: Path, timeout: float) -> int:
+    """An open descriptor of `data_dir`/server.lock holding an exclusive flock, waiting up to `timeout` seconds for a
+    previous holder (a server of a guidance cache that was killed, still writing its AOF on its way out).
+
+    The descriptor is passed to every valkey-server started on the folder, so the lock is held while this process
+    or its server lives: two servers never append to the same AOF."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(data_dir / "server.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                os.close(fd)
+                raise RuntimeError(
+                    f"EmbeddedRedis: data folder {data_dir} is in use by another server (still locked after "
+                    f"{timeout:g} s)"
+                ) from None
+            time.sleep(0.05)
+
+
+def _shutdown(processes: list[subprocess.Popen], log: IO[bytes], directory: Path, lock: int | None) -> None:
+    """Terminate the server (SIGTERM, then SIGKILL after 5 s), close its log, release the data folder and remove the
+    private directory."""
+    process = processes[-1]
     if process.poll() is None:
         process.terminate()
         try:
@@ -115,13 +146,26 @@ def _shutdown(process: subprocess.Popen, log: IO[bytes], directory: Path) -> Non
             process.kill()
             process.wait()
     log.close()
+    if lock is not None:
+        os.close(lock)
     shutil.rmtree(directory, ignore_errors=True)
+
+
+def _persistence(data_dir: Path | None, appendfsync: str) -> list[str]:
+    """valkey-server options: nothing on disk without a data folder, else an append-only file in it."""
+    if data_dir is None:
+        return ["--save", "", "--appendonly", "no"]
+    return ["--save", "", "--appendonly", "yes", "--appendfsync", appendfsync, "--dir", str(data_dir)]
 
 
 class EmbeddedRedis:
     """A private valkey-server child process; constructing one starts it and waits until it answers PING.
 
     `url` is `unix:///.../redis.sock` (or `redis://127.0.0.1:PORT` on TCP), with the password in it if one is set.
+    Without `data_dir` it keeps nothing on disk. With `data_dir` it keeps an append-only file (AOF) there, fsynced
+    per `appendfsync` ("always": before each write is answered; "everysec": once a second), loads it at start, and
+    locks the folder against a second server. `restart()` starts the server again after it died, on the same socket
+    or port and the same data folder.
     """
 
     def __init__(
@@ -131,13 +175,20 @@ class EmbeddedRedis:
         unix_socket: bool = True,
         start_timeout: float = 10.0,
         binary: str | Path | None = None,
+        data_dir: str | os.PathLike | None = None,
+        appendfsync: str = "always",
     ) -> None:
         if password is not None and (not isinstance(password, str) or not password or "\n" in password):
             raise ValueError("password: expected a non-empty string without newlines")
         if start_timeout <= 0:
             raise ValueError(f"start_timeout: expected a positive number of seconds, got {start_timeout!r}")
+        if appendfsync not in ("always", "everysec"):
+            raise ValueError(f"appendfsync: expected 'always' or 'everysec', got {appendfsync!r}")
         self.password = password
+        self.start_timeout = start_timeout
         self.binary = Path(binary) if binary is not None else valkey_binary()
+        self.data_dir = Path(data_dir).resolve() if data_dir is not None else None
+        self._lock = _lock_data_dir(self.data_dir, start_timeout) if self.data_dir is not None else None
         self.directory = Path(tempfile.mkdtemp(prefix="npo-redis-"))
         socket_path = self.directory / "redis.sock"
         self.socket_path: Path | None = None
@@ -148,37 +199,74 @@ class EmbeddedRedis:
         else:
             self.port = _free_port()
             listen = ["--port", str(self.port), "--bind", "127.0.0.1"]
-        command = [str(self.binary), *listen, "--save", "", "--appendonly", "no", "--dir", str(self.directory)]
+        self._command = self._server_command(listen, appendfsync)
+        self._log = open(self.directory / "server.log", "ab")  # closed by _shutdown
+        self._processes: list[subprocess.Popen] = []
+        try:
+            self._processes.append(self._spawn(threading.current_thread() is threading.main_thread()))
+        except BaseException:
+            self._log.close()
+            shutil.rmtree(self.directory, ignore_errors=True)
+            if self._lock is not None:
+                os.close(self._lock)
+            raise
+        self._finalizer = weakref.finalize(self, _shutdown, self._processes, self._log, self.directory, self._lock)
+        self._wait_ready(start_timeout)
+
+    def _server_command(self, listen: list[str], appendfsync: str) -> list[str]:
+        """The valkey-server command line (a password goes to a 0600 config file, not where ps shows it)."""
+        command = [str(self.binary), *listen, *_persistence(self.data_dir, appendfsync)]
+        if self.data_dir is None:
+            command += ["--dir", str(self.directory)]
         command += ["--daemonize", "no", "--logfile", "", "--loglevel", "warning", "--databases", "1"]
-        if password:  # in a 0600 file in the private directory, not on the command line where ps shows it
+        if self.password:
             config = self.directory / "redis.conf"
             config.touch(mode=0o600)
-            escaped = password.replace("\\", "\\\\").replace('"', '\\"')
+            escaped = self.password.replace("\\", "\\\\").replace('"', '\\"')
             config.write_text(f'requirepass "{escaped}"\n')
             command.insert(1, str(config))
-        log = open(self.directory / "server.log", "wb")  # closed by _shutdown
-        parent_death = sys.platform.startswith("linux") and threading.current_thread() is threading.main_thread()
+        return command
+
+    def _spawn(self, tie_to_thread: bool) -> subprocess.Popen:
+        """Start valkey-server with the recorded command; with `tie_to_thread` (Linux), the kernel sends it SIGTERM
+        when the calling thread exits (so a killed cache does not leave it behind: that thread must live as long as
+        the server is wanted)."""
+        parent_death = sys.platform.startswith("linux") and tie_to_thread
         try:
-            self._process = subprocess.Popen(
-                command,
+            return subprocess.Popen(
+                self._command,
                 stdin=subprocess.DEVNULL,
-                stdout=log,
+                stdout=self._log,
                 stderr=subprocess.STDOUT,
                 cwd=self.directory,
                 start_new_session=True,  # a Ctrl-C in the terminal reaches the trainer, which then stops the server
                 preexec_fn=_parent_death_hook() if parent_death else None,
+                pass_fds=(self._lock,) if self._lock is not None else (),
             )
         except OSError as exc:
-            log.close()
-            shutil.rmtree(self.directory, ignore_errors=True)
             raise RuntimeError(f"EmbeddedRedis: cannot run {self.binary}: {exc}") from None
-        self._finalizer = weakref.finalize(self, _shutdown, self._process, log, self.directory)
-        self._wait_ready(start_timeout)
+
+    def restart(self, *, tie_to_thread: bool = False) -> float:
+        """Start the server again if it is not running (same command: socket or port, password, data folder, so a
+        server with a data folder comes back with every key it had written); wait until it answers PING (after
+        loading its AOF). Returns the seconds it took. `tie_to_thread`: see `_spawn` (the main thread always is).
+        RuntimeError when it exits again, TimeoutError when it does not answer within start_timeout."""
+        started = time.monotonic()
+        if self._finalizer.alive and not self.is_running():
+            tie = tie_to_thread or threading.current_thread() is threading.main_thread()
+            self._processes.append(self._spawn(tie))
+            del self._processes[:-1]
+            self._wait_ready(self.start_timeout, stop_on_failure=False)
+        return time.monotonic() - started
 
     @property
     def pid(self) -> int:
-        """Process id of the server."""
+        """Process id of the server (of the latest start)."""
         return self._process.pid
+
+    @property
+    def _process(self) -> subprocess.Popen:
+        return self._processes[-1]
 
     @property
     def url(self) -> str:
@@ -187,6 +275,11 @@ class EmbeddedRedis:
         if self.socket_path is not None:
             return f"unix://{auth}{self.socket_path}"
         return f"redis://{auth}127.0.0.1:{self.port}"
+
+    @property
+    def exit_code(self) -> int | None:
+        """The server's exit status once it ended (negative: the signal that killed it), None while it runs."""
+        return self._process.poll()
 
     def is_running(self) -> bool:
         """True while the server process is alive."""
@@ -198,8 +291,9 @@ class EmbeddedRedis:
         except OSError:
             return ""
 
-    def _wait_ready(self, timeout: float) -> None:
-        """Poll PING until it answers; stop the server and raise if it exits or `timeout` seconds pass."""
+    def _wait_ready(self, timeout: float, *, stop_on_failure: bool = True) -> None:
+        """Poll PING until it answers (a server loading its AOF answers LOADING: not yet); raise if it exits or
+        `timeout` seconds pass, stopping it first unless `stop_on_failure` is False."""
         if self.socket_path is not None:
             family, address = socket.AF_UNIX, str(self.socket_path)
         else:
@@ -209,13 +303,15 @@ class EmbeddedRedis:
         while not _answers_ping(family, address, self.password):
             if self._process.poll() is not None:
                 log = self._log_tail()
-                self.stop()
+                if stop_on_failure:
+                    self.stop()
                 raise RuntimeError(
                     f"EmbeddedRedis: {self.binary.name} exited with code {self._process.returncode}: {log}"
                 )
             if time.monotonic() > deadline:
                 log = self._log_tail()
-                self.stop()
+                if stop_on_failure:
+                    self.stop()
                 raise TimeoutError(f"EmbeddedRedis: no answer to PING at {address} within {timeout:g} s; log: {log}")
             time.sleep(delay)
             delay = min(delay * 2, 0.01)

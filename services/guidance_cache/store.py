@@ -35,7 +35,7 @@ from npo.runtime.store import (
     check_step,
     sample_from_json,
 )
-from services.codec import sample_from_message, sample_to_message
+from services.codec import check_guide, sample_from_message, sample_to_message
 from services.proto.npo.v1 import common_pb2
 
 JSON_MARK = b"{"
@@ -86,8 +86,12 @@ def _address(client: redis.Redis) -> str:
     return f"redis://{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
 
 
-def connect(url: str, *, password: str | None = None, connect_timeout: float = 5.0) -> redis.Redis:
-    """A redis-py client for a `redis://host:port[/db]`, `rediss://...` or `unix:///path` URL.
+def connect(
+    url: str, *, password: str | None = None, connect_timeout: float = 5.0, socket_timeout: float | None = None
+) -> redis.Redis:
+    """A redis-py client for a `redis://host:port[/db]`, `rediss://...` or `unix:///path` URL; a command that gets no
+    answer within `socket_timeout` seconds (None: wait) fails with a ConnectionError, as one to a server that is down
+    does (unless the URL sets ?socket_timeout=).
 
     A password may be in the URL (`redis://:secret@host:6379`, `unix://:secret@/path/redis.sock`, or
     `?password=secret`) or in `password`; when both are given they must agree.
@@ -100,7 +104,15 @@ def connect(url: str, *, password: str | None = None, connect_timeout: float = 5
             raise ValueError("password: differs from the password given in the URL")
         options["password"] = password
     options.setdefault("socket_connect_timeout", connect_timeout)
+    options.setdefault("socket_timeout", socket_timeout)
     return redis.Redis.from_pool(redis.ConnectionPool(**options))
+
+
+TRANSIENT_REPLIES = ("LOADING", "MISCONF", "READONLY", "TRYAGAIN", "MASTERDOWN", "ERR Errors writing to the AOF")
+"""Starts of error replies of a server that cannot serve for now (loading its data, a disk that refuses writes, a
+replica during a failover ...), as opposed to a wrong command."""
+PING_TIMEOUT_S = 1.0
+"""How long `RedisGuideStore.ping` waits for an answer."""
 
 
 class RedisGuideStore:
@@ -108,7 +120,10 @@ class RedisGuideStore:
 
     `url_or_client` is a URL (see `connect`) or an existing redis.Redis; a URL's client is owned by the store and
     closed by `close()`, a given client is left open. Construction sends a PING, so an unreachable server fails
-    here with a ConnectionError that names its address.
+    here with a ConnectionError that names its address. While the server is down every call fails at once with a
+    builtin ConnectionError naming it (also when a command gets no answer within `command_timeout` seconds, or the
+    server is still loading its data); redis-py connects again on the next call, so nothing needs reopening once
+    it is back. `ping()` says whether it answers now.
     """
 
     def __init__(
@@ -119,6 +134,7 @@ class RedisGuideStore:
         max_mistakes: int = 4096,
         password: str | None = None,
         connect_timeout: float = 5.0,
+        command_timeout: float | None = 5.0,
     ) -> None:
         if not isinstance(prefix, str) or not prefix:
             raise ValueError(f"prefix: expected a non-empty key prefix, got {prefix!r}")
@@ -130,9 +146,13 @@ class RedisGuideStore:
             if url_or_client.connection_pool.connection_kwargs.get("decode_responses"):
                 raise ValueError("url_or_client: the client must not decode responses (guides are stored as bytes)")
             self._client, self._owns_client = url_or_client, False
+            self._probe = url_or_client
         else:
-            self._client = connect(url_or_client, password=password, connect_timeout=connect_timeout)
+            options = {"password": password, "connect_timeout": connect_timeout}
+            self._client = connect(url_or_client, **options, socket_timeout=command_timeout)
             self._owns_client = True
+            quick = {"connect_timeout": min(connect_timeout, PING_TIMEOUT_S), "socket_timeout": PING_TIMEOUT_S}
+            self._probe = connect(url_or_client, **{**options, **quick})
         self.address = _address(self._client)
         try:
             with self._errors():
@@ -154,20 +174,31 @@ class RedisGuideStore:
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
-        """Turn redis-py's connection failures into a builtin ConnectionError naming the server's address."""
+        """Turn redis-py's connection failures, and the error replies of a server that cannot serve for now
+        (TRANSIENT_REPLIES, a transaction it aborted), into a builtin ConnectionError naming the server's address, which
+        the gRPC service answers with UNAVAILABLE (and its clients retry)."""
         try:
             yield
         except redis.AuthenticationError as exc:
             raise ConnectionError(f"guidance cache: Redis at {self.address} refused the password: {exc}") from None
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise ConnectionError(f"guidance cache: cannot reach Redis at {self.address}: {exc}") from None
+        except redis.ResponseError as exc:
+            if isinstance(exc, redis.exceptions.ExecAbortError) or str(exc).startswith(TRANSIENT_REPLIES):
+                raise ConnectionError(f"guidance cache: Redis at {self.address} cannot serve now: {exc}") from None
+            raise
 
     # -- guides ----------------------------------------------------------------------------------------------------
 
     def put_guides(self, run: str, guide_step: int, guides: Sequence[Sample]) -> int:
-        """See npo.runtime.store.GuideStore.put_guides (one MULTI: HSET of the batch + ZADD of the step)."""
+        """See npo.runtime.store.GuideStore.put_guides (one MULTI: HSET of the batch + ZADD of the step). A guide the
+        learner could not train on (services.codec.check_guide: NaN/inf or positive log-probs, a NaN reward, a
+        negative token id, an empty response) is refused with a ValueError before anything is written."""
         check_run(run)
         check_step("guide_step", guide_step)
+        for i, guide in enumerate(guides if isinstance(guides, Sequence) else ()):
+            if isinstance(guide, Sample):
+                check_guide(guide, f"guides[{i}]")
         encoded = check_guides(guides, encode_guide)
         if not encoded:
             return 0
@@ -277,10 +308,19 @@ class RedisGuideStore:
         with self._errors():
             self._client.delete(*keys)
 
+    def ping(self) -> bool:
+        """True when the server answers PING now (within PING_TIMEOUT_S with a URL's client), False otherwise;
+        never raises. A separate connection, so a check does not wait behind the calls in flight."""
+        try:
+            return bool(self._probe.ping())
+        except (redis.RedisError, OSError):  # down, loading its AOF, refusing the password ...
+            return False
+
     def close(self) -> None:
-        """Close the connection pool if this store created it (a client passed in is left to its owner)."""
+        """Close the connection pools if this store created them (a client passed in is left to its owner)."""
         if self._owns_client:
             self._client.close()
+            self._probe.close()
 
     def __enter__(self) -> RedisGuideStore:
         return self
