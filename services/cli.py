@@ -13,6 +13,7 @@
     npo analyze DIR [--deltas 0,10,20,40]           Q(Delta), V(Delta), S(Delta) across a run's checkpoints
     npo config  [--config FILE]                     every option with its default and documentation
     npo experiment FILE [--background|--report-only] a grid of arms x seeds, Q/V/S analysis, a results report
+    npo screen FILE [--background|--report-only]     one GRPO run per regime, the near future's headroom, ranked
 
 Embedded default: every role runs in this process (services/ops/embedded.py). What a command does lives in
 services/ops (operating a run) and npo.analysis (reports); a handler here only passes the arguments on and prints.
@@ -132,6 +133,10 @@ def _add_results(sub) -> None:
     p_exp.add_argument("file", help="experiment file, e.g. configs/experiments/paper_claims.yaml")
     p_exp.add_argument("--background", action="store_true", help="run detached; the log goes to OUT/experiment.log")
     p_exp.add_argument("--report-only", action="store_true", help="only rewrite the report from finished runs")
+    p_scr = sub.add_parser("screen", help="one GRPO run per regime, then the near future's real headroom, ranked")
+    p_scr.add_argument("file", help="screen file, e.g. configs/screens/regimes.yaml")
+    p_scr.add_argument("--background", action="store_true", help="run detached; the log goes to OUT/screen.log")
+    p_scr.add_argument("--report-only", action="store_true", help="only rewrite the report from cached measurements")
 
     p_cfg = sub.add_parser("config", help="print every config option with its default and documentation")
     p_cfg.add_argument("--config", help="print this file resolved instead")
@@ -310,6 +315,13 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _screen(args: argparse.Namespace) -> int:
+    from services.ops.screen import run_screen
+
+    run_screen(args.file, background=args.background, report_only=args.report_only, log=_log)
+    return 0
+
+
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": _train,
     "up": _up,
@@ -322,6 +334,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "compare": _compare,
     "analyze": _analyze,
     "experiment": _experiment,
+    "screen": _screen,
     "config": _config,
 }
 
