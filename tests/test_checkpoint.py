@@ -95,3 +95,29 @@ def test_meta_records_checksums(tmp_path):
     path = mgr.save(0, _writer(b"w"), {})
     meta = json.loads((path / "meta.json").read_text())
     assert set(meta["sha256"]) == {"model.safetensors", "trainer_state.pt", "runner_state.json", "guides.jsonl"}
+
+
+def test_newest_valid_goes_by_save_time_and_sets_a_corrupt_one_aside(tmp_path):
+    mgr = CheckpointManager(tmp_path)
+    for step in (5, 10, 15, 10):  # 10 is saved again last: after a rollback, 15 belongs to an abandoned line
+        mgr.save(step, _writer(b"weights %d" % step), {"s": step}, {"step": step})
+    assert mgr.newest_first() == [10, 15, 5]
+    (mgr.path(10) / "model.safetensors").write_bytes(b"weig")  # truncated
+    warnings = []
+    ck = mgr.newest_valid(warnings.append)
+    assert ck.step == 15 and ck.runner_state == {"step": 15}
+    assert len(warnings) == 1 and "step_000010" in warnings[0] and "model.safetensors" in warnings[0]
+    assert mgr.steps() == [5, 15] and (tmp_path / "step_000010.corrupt" / "model.safetensors").is_file()
+
+
+def test_no_valid_checkpoint_is_one_line_with_a_hint(tmp_path):
+    mgr = CheckpointManager(tmp_path)
+    assert mgr.newest_valid(print) is None  # no checkpoint at all: the caller decides (a fresh run)
+    for step in (1, 2):
+        mgr.save(step, _writer(b"weights"), {})
+        (mgr.path(step) / "trainer_state.pt").unlink()
+    with pytest.raises(CheckpointError) as info:
+        mgr.newest_valid(lambda line: None)
+    message = str(info.value)
+    assert "\n" not in message and "no valid checkpoint" in message and "hint:" in message
+    assert "step_000002" in message and "step_000001" in message

@@ -150,3 +150,26 @@ def test_rejects_zero3_and_unknown_dtype():
         DeepSpeedLearner(tiny_llama(0), **learner_kwargs(), zero_stage=3)
     with pytest.raises(ValueError, match="dtype"):
         DeepSpeedLearner(tiny_llama(0), **learner_kwargs(dtype="float16"))
+
+
+@pytest.mark.parametrize("zero_stage", [2, 0])
+def test_nan_guide_logprobs_skip_the_step_like_torch_learner(batches, zero_stage):
+    poisoned = mixed_groups(tiny_llama(0), 0)
+    (gated,) = [g for g in poisoned if g.replaced]
+    gated.behaviour_logprobs[-1] = [float("nan")] * len(gated.behaviour_logprobs[-1])  # the guide slot's q_i
+    reference = tiny_llama(0)
+    model = copy.deepcopy(reference)
+    plain = TorchLearner(reference, **learner_kwargs())
+    learner = DeepSpeedLearner(model, **learner_kwargs(), zero_stage=zero_stage)
+    before = weights(model)
+    metrics = learner.train_step(poisoned, PROMPTS)
+    assert metrics["nonfinite_skipped"] == 1 and not math.isfinite(metrics["loss"])
+    assert all(torch.equal(before[k], v) for k, v in weights(model).items())
+    assert learner.state_dict()["nonfinite_skipped"] == 1
+    plain.train_step(poisoned, PROMPTS)
+    for groups in batches[:2]:  # both go on from untouched weights and optimizer state
+        want, got = plain.train_step(groups, PROMPTS), learner.train_step(groups, PROMPTS)
+        assert got["nonfinite_skipped"] == want["nonfinite_skipped"] == 1
+    expected, actual = weights(reference), weights(model)
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)

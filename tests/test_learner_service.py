@@ -12,7 +12,8 @@ from npo.runtime.runner import Runner, Segment
 from npo.runtime.store import MemoryGuideStore
 from npo.runtime.tasks import COMPACT_ALPHABET, load_task
 from services.learner.client import LearnerBusyError, LearnerClient
-from services.learner.server import prepare_run_dir, serve
+from services.learner.prometheus import LearnerMetrics
+from services.learner.server import LearnerControl, SegmentSpec, prepare_run_dir, serve, start_or_resume
 
 TIMING_KEYS = {"wall_time", "gen_seconds", "train_seconds"}
 RUN_KEYS = {"optimizer_steps", "samples_total"}  # run bookkeeping: keeps counting across a rollback
@@ -31,7 +32,7 @@ def model_cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("models"))
 
 
-def make(tmp_path, model_cache, *overrides, name="run"):
+def make(tmp_path, model_cache, *overrides, name="run", fresh=True):
     cfg = load_run_config(
         None,
         [
@@ -57,7 +58,8 @@ def make(tmp_path, model_cache, *overrides, name="run"):
     pairs = [(p.compact_prompt, p.solution) for p in task.train]
     policy = load_policy(cfg.model, seed=cfg.seed, warmup_pairs=pairs, alphabet=COMPACT_ALPHABET)
     runner = Runner(cfg, tmp_path / name, policy=policy, task=task, store=MemoryGuideStore(), progress=False)
-    prepare_run_dir(runner)
+    if fresh:
+        prepare_run_dir(runner)
     return runner
 
 
@@ -176,3 +178,43 @@ def test_bad_requests_and_conflicts(served):
     status = client.wait_segment(started.segment_id, timeout_s=120)
     assert (status.state, status.step) == ("idle", 3)
     assert [r["step"] for r in rows(runner)] == [0, 1, 2]
+
+
+def test_a_restarted_learner_resumes_inside_its_segment(tmp_path, model_cache):
+    replay = Segment("npo_replay", True, 7, 3)  # an NPO segment of a plan, cut short by a crash after step 1
+    crashed = make(tmp_path, model_cache, name="crashed")
+    crashed.segment = replay
+    crashed.run_until(2)  # rows 0 and 1; checkpoint 1 (before step 1) is the newest
+    restarted = make(tmp_path, model_cache, name="crashed", fresh=False)
+    assert start_or_resume(restarted) == 1
+    assert [r["step"] for r in rows(restarted)] == [0]  # the row after the checkpoint is redone
+    assert (restarted.segment.name, restarted.segment.end) == ("npo_replay", 3)
+    control = LearnerControl(restarted)
+    assert not control.finished
+    control.run_segment(SegmentSpec(1, 2, False))  # the driver's main line must not end the replay
+    control.wait(120)
+    assert control.state == "idle" and restarted.step == 3
+    reference = make(tmp_path, model_cache, name="reference")
+    reference.segment = Segment("npo_replay", True, 7, 3)
+    reference.run_until(3)
+    assert [r["segment"] for r in rows(restarted)] == ["npo_replay"] * 3
+    assert without(rows(restarted), TIMING_KEYS) == without(rows(reference), TIMING_KEYS)
+
+
+def test_a_learner_restarted_at_the_end_is_finished_and_a_fresh_folder_starts_fresh(tmp_path, model_cache):
+    done = make(tmp_path, model_cache, "train.steps=1", name="done")
+    assert start_or_resume(done) is None and rows(done) == []
+    done.run_until(1)
+    done.finish()
+    restarted = make(tmp_path, model_cache, "train.steps=1", name="done", fresh=False)
+    assert start_or_resume(restarted) == 1
+    assert without(rows(restarted), TIMING_KEYS) == without(rows(done), TIMING_KEYS)  # the final row again
+    assert LearnerControl(restarted).finished
+
+
+def test_prometheus_exports_the_refused_step_counter_once_there_is_one():
+    metrics = LearnerMetrics("r")
+    metrics.observe({"step": 0, "reward_mean": 0.5})
+    assert metrics.registry.get_sample_value("npo_nonfinite_skipped", {"run": "r"}) is None
+    metrics.observe({"step": 1, "reward_mean": 0.5, "nonfinite_skipped": 2})
+    assert metrics.registry.get_sample_value("npo_nonfinite_skipped", {"run": "r"}) == 2.0

@@ -4,11 +4,13 @@ The guidance store here is the in-memory one (the Redis store is exercised throu
 """
 
 import json
+import math
 
 import pytest
 import torch
 from reference import EARLY_BOOTSTRAP_NPO, EARLY_BOOTSTRAP_SEGMENTS, TINY_CHAIN_SUM
 
+from npo.runtime.checkpoint import CheckpointError
 from npo.runtime.models import load_policy
 from npo.runtime.run_config import load_run_config
 from npo.runtime.runner import Interrupted, PromptSampler, Runner
@@ -174,19 +176,30 @@ def test_evaluation_never_changes_training(tmp_path, model_cache):
     assert strip(rows(with_eval)) == strip(rows(without))
 
 
-def test_interrupt_and_resume_equals_uninterrupted(tmp_path, model_cache):
-    common = ("method=npo", "train.steps=6", "npo.early.at_step=1", "npo.early.delta=2", "npo.early.replay_steps=4")
-    full = make(tmp_path, model_cache, *common, name="full")
+REPLAY_RUN = ("method=npo", "train.steps=6", "npo.early.at_step=1", "npo.early.delta=2", "npo.early.replay_steps=4")
+"""Scout 1 -> 3, roll back to 1, replay 1 -> 5 with NPO, then plain GRPO to 6."""
+
+
+def full_and_interrupted(tmp_path, model_cache):
+    """An uninterrupted REPLAY_RUN, and the same run interrupted (Ctrl-C) after step 2 of the replay; the interrupted
+    one's step."""
+    full = make(tmp_path, model_cache, *REPLAY_RUN, name="full")
     full.train()
 
     def stop_in_replay(runner, row):
         if row["segment"] == "npo_replay" and row["step"] == 2:
             runner.request_stop()
 
-    cut = make(tmp_path, model_cache, *common, name="cut", after_step=stop_in_replay)
+    cut = make(tmp_path, model_cache, *REPLAY_RUN, name="cut", after_step=stop_in_replay)
     with pytest.raises(Interrupted) as info:
         cut.train()
-    assert info.value.step == 3 and cut.ckpt.latest() == 3
+    return full, cut, info.value.step
+
+
+def test_interrupt_and_resume_equals_uninterrupted(tmp_path, model_cache):
+    common = REPLAY_RUN
+    full, cut, step = full_and_interrupted(tmp_path, model_cache)
+    assert step == 3 and cut.ckpt.latest() == 3
     # A new process: fresh model, fresh (empty) guidance store; the checkpoint carries the segment's guides.
     resumed = make(tmp_path, model_cache, *common, name="cut")
     resumed.train(resume=True)
@@ -291,3 +304,85 @@ def test_probe_reads_samples_scores_and_decides_through_its_ports():
     assert empty.reason == "empty_pool" and autonpo.cooldown_until == 23
     assert run_probe(unguarded(autonpo), 1, [0], ports, problems=problems, seed=0, correct_threshold=1.0,
                      reading=None).reason == "no_candidates"  # fmt: skip
+
+
+def test_resume_falls_back_past_a_corrupt_newest_checkpoint(tmp_path, model_cache):
+    common = REPLAY_RUN
+    full, cut, _ = full_and_interrupted(tmp_path, model_cache)
+    newest = cut.ckpt.newest_first()[0]
+    assert newest == 3
+    model_file = cut.ckpt.path(newest) / "model.safetensors"
+    model_file.write_bytes(model_file.read_bytes()[:1000])  # a crash mid-write of the disk, not of the checkpoint
+    resumed = make(tmp_path, model_cache, *common, name="cut")
+    lines = []
+    resumed.log = lines.append
+    assert resumed.resume() == 2  # the previous one: step 2 of the replay, saved after the rollback
+    assert [line for line in lines if "step_000003" in line and "model.safetensors" in line]
+    assert resumed.segment.name == "npo_replay" and resumed.segment.end == 5
+    resumed.train(resume=True)
+    assert untimed(rows(resumed)) == untimed(rows(full))
+    w = weights(full)
+    for k, v in resumed.policy.model.state_dict().items():
+        assert torch.equal(w[k], v), k
+
+
+def test_resume_without_a_valid_checkpoint_raises_checkpoint_error(tmp_path, model_cache):
+    runner = make(tmp_path, model_cache, "method=grpo", "train.steps=1", "eval.every=0")
+    runner.train()
+    for step in runner.ckpt.steps():
+        (runner.ckpt.path(step) / "model.safetensors").write_bytes(b"")
+    again = make(tmp_path, model_cache, "method=grpo", "train.steps=1", "eval.every=0")
+    again.log = lambda line: None
+    with pytest.raises(CheckpointError, match="no valid checkpoint left.*hint"):
+        again.train(resume=True)
+
+
+def test_a_nonfinite_loss_skips_the_optimizer_step(tmp_path, model_cache):
+    lines, seen = [], {}
+    runner = make(
+        tmp_path,
+        model_cache,
+        "method=grpo",
+        "train.steps=3",
+        "eval.every=0",
+        after_step=lambda r, row: seen.setdefault(row["step"], weights(r)),
+    )
+    runner.log = lines.append
+    real = runner.learner.train_step
+
+    def poisoned(groups, prompt_ids):
+        if runner.step == 1:  # what a guide whose log-probs are NaN does to the importance ratio
+            groups[0].behaviour_logprobs[-1] = [float("nan")] * len(groups[0].behaviour_logprobs[-1])
+        return real(groups, prompt_ids)
+
+    runner.learner.train_step = poisoned
+    runner.train()
+    rs = rows(runner)
+    assert "nonfinite_skipped" not in rs[0]
+    assert [r.get("nonfinite_skipped") for r in rs[1:3]] == [1, 1] and math.isnan(rs[1]["loss"])
+    assert [r["optimizer_steps"] for r in rs] == [1, 1, 2, 2]
+    for k, v in seen[0].items():  # step 1 left the weights as step 0 made them
+        assert torch.equal(v, seen[1][k]), k
+    assert all(torch.isfinite(v).all() for v in runner.policy.model.state_dict().values())
+    assert [line for line in lines if "step 1:" in line and "skipped" in line]
+    assert runner.ckpt.load(3).trainer_state["nonfinite_skipped"] == 1
+
+
+def test_torch_learner_refuses_a_group_with_nan_guide_logprobs():
+    from reference import GROUP_PROMPTS, PAD, mixed_groups, tiny_llama
+
+    from npo.core.config import AlgoConfig
+    from npo.runtime.learner import TorchLearner
+
+    model = tiny_llama(0)
+    algo = AlgoConfig(group_size=4, tau_gate=0.6, is_correction=True)
+    learner = TorchLearner(model, pad_id=PAD, algo=algo, lr=1e-2, weight_decay=0.01, micro_batch_size=5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    groups = mixed_groups(model, 0)
+    (gated,) = [g for g in groups if g.replaced]
+    gated.behaviour_logprobs[-1] = [float("nan")] * len(gated.behaviour_logprobs[-1])  # the guide slot's q_i
+    metrics = learner.train_step(groups, GROUP_PROMPTS)
+    assert metrics["nonfinite_skipped"] == 1 and not math.isfinite(metrics["loss"])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert learner.optimizer.state_dict()["state"] == {}  # AdamW never stepped
+    assert learner.state_dict()["nonfinite_skipped"] == 1

@@ -7,10 +7,15 @@ Layout of one checkpoint, `checkpoints/step_000040/`:
     trainer_state.pt   optimizer state, RNG states (python, numpy, torch), data cursor, step
     runner_state.json  runner bookkeeping (AutoNPO state, active segment, pending plans); used by --resume only
     guides.jsonl       the guides the active NPO segment reads (a resume needs them; the cache is not durable)
-    meta.json          step, sha256 of every file above, the resolved run config
+    meta.json          step, sha256 of every file above, the resolved run config, when it was saved
 
 It is written to a temporary sibling folder, fsynced, then renamed into place: a crash leaves either the whole
 checkpoint or none. Loading verifies every checksum and refuses a corrupted checkpoint with a clear error.
+
+A resume starts from the newest valid checkpoint by save time, not by step: after a rollback the checkpoints of
+higher steps belong to an abandoned line (a scout, a rolled-back future), while the one saved last holds the state
+the run was in. A corrupted one is set aside (renamed `step_000040.corrupt`, kept for inspection) and the previous
+one is tried (`newest_valid`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import random
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,7 +131,12 @@ class CheckpointManager:
             (tmp / "runner_state.json").write_text(json.dumps(runner_state or {}, sort_keys=True))
             (tmp / "guides.jsonl").write_text("".join(line.rstrip("\n") + "\n" for line in guides_jsonl))
             files = sorted(p.name for p in tmp.iterdir() if p.is_file())
-            meta = {"step": step, "sha256": {f: _sha256(tmp / f) for f in files}, "config": config or {}}
+            meta = {
+                "step": step,
+                "sha256": {f: _sha256(tmp / f) for f in files},
+                "config": config or {},
+                "saved_unix_ns": time.time_ns(),
+            }
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
             for p in tmp.iterdir():
                 with open(p, "rb") as fh:
@@ -173,6 +184,47 @@ class CheckpointManager:
         runner_state = json.loads((path / "runner_state.json").read_text())
         guides = [line for line in (path / "guides.jsonl").read_text().splitlines() if line.strip()]
         return Checkpoint(step, path, trainer_state, runner_state, guides, meta)
+
+    def saved_ns(self, step: int) -> int:
+        """When checkpoint `step` was saved (ns since the epoch): meta.json's `saved_unix_ns`, else its mtime."""
+        meta_path = self.path(step) / "meta.json"
+        try:
+            return int(json.loads(meta_path.read_text())["saved_unix_ns"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return meta_path.stat().st_mtime_ns if meta_path.exists() else 0
+
+    def newest_first(self) -> list[int]:
+        """Steps of complete checkpoints, the one saved last first (ties: the higher step first)."""
+        return sorted(self.steps(), key=lambda s: (self.saved_ns(s), s), reverse=True)
+
+    def set_aside(self, step: int) -> Path:
+        """Rename corrupted checkpoint `step` to `step_NNNNNN.corrupt` (`.corrupt.1`, ... when taken) so that it is
+        no longer listed; returns its new folder."""
+        path = self.path(step)
+        target, n = path.with_name(f"{path.name}.corrupt"), 0
+        while target.exists():
+            n += 1
+            target = path.with_name(f"{path.name}.corrupt.{n}")
+        path.rename(target)
+        return target
+
+    def newest_valid(self, warn: Callable[[str], None]) -> Checkpoint | None:
+        """Load the checkpoint saved last that verifies; each corrupted one before it is set aside with a warning
+        naming it. None when there is no checkpoint at all; CheckpointError when none of them is valid."""
+        problems = []
+        for step in self.newest_first():
+            try:
+                return self.load(step)
+            except CheckpointError as exc:
+                moved = self.set_aside(step)
+                problems.append(str(exc))
+                warn(f"warning: checkpoint {self.path(step)} is unusable ({exc}); set aside as {moved.name}")
+        if not problems:
+            return None
+        raise CheckpointError(
+            f"no valid checkpoint left in {self.root} ({'; '.join(problems)}); "
+            "hint: start a new run, or restore a checkpoint folder (step_NNNNNN) from a backup"
+        )
 
     def prune(self, keep_last: int, protected: Iterable[int] = ()) -> list[int]:
         """Delete all but the newest `keep_last` checkpoints, never one in `protected`; returns deleted steps."""

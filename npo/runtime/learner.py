@@ -2,7 +2,7 @@
 
     rewards (G, n) -> group advantages -> rows (prompt + response, behaviour log-probs, A_i, is_guide)
     -> micro-batches: token_logprobs (with grad) -> policy_loss * micro-batch weight -> backward
-    -> clip grad norm -> AdamW step
+    -> clip grad norm -> AdamW step (refused when the loss or the gradient norm is not finite)
 
 Micro-batch weights make the accumulated gradient equal to the full-batch loss's gradient for every aggregation
 mode (each micro-batch's loss is its share of the global reduction's denominator).
@@ -11,6 +11,7 @@ mode (each micro-batch's loss is its share of the global reduction's denominator
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -161,12 +162,18 @@ class Accumulated:
     """Sum of the per-token entropy over on-policy response tokens."""
     entropy_tokens: int
     """Number of on-policy response tokens."""
+    loss: float = 0.0
+    """sum_k w_k * L_k: the full batch's loss (entropy and KL terms included), the value backpropagated."""
 
 
-def step_metrics(acc: Accumulated, grad_norm: float, groups: Sequence[MixedGroup], seconds: float) -> dict[str, float]:
+def step_metrics(
+    acc: Accumulated, grad_norm: float, groups: Sequence[MixedGroup], seconds: float, nonfinite_skipped: int = 0
+) -> dict[str, float]:
     """The learner's metrics row: weighted sums of the micro-batch metrics (= full-batch values), on-policy token
-    entropy, pre-clip gradient norm, guide slots used and wall time; the same keys for every learner engine."""
+    entropy, pre-clip gradient norm, guide slots used and wall time; the same keys for every learner engine. Once a
+    step was refused for a non-finite loss or gradient norm, `nonfinite_skipped` counts them (absent before)."""
     weighted = acc.weighted
+    extra = {"nonfinite_skipped": nonfinite_skipped} if nonfinite_skipped else {}
     return {
         "loss": weighted.get("pg_loss", 0.0),
         "clip_frac": weighted.get("clip_frac", 0.0),
@@ -176,6 +183,7 @@ def step_metrics(acc: Accumulated, grad_norm: float, groups: Sequence[MixedGroup
         "grad_norm": float(grad_norm),
         "guide_slots": int(sum(g.replaced for g in groups)),
         "train_seconds": seconds,
+        **extra,
     }
 
 
@@ -224,6 +232,8 @@ class MicroBatchLearner:
         self.optimizer = torch.optim.AdamW(
             model.parameters(), lr=lr, betas=(float(betas[0]), float(betas[1])), weight_decay=weight_decay
         )
+        self.nonfinite_skipped = 0
+        """Optimizer steps refused so far for a non-finite loss or gradient norm (kept in checkpoints)."""
         self.reference = None
         if algo.kl_coef > 0:
             self.reference = copy.deepcopy(model).eval()
@@ -257,6 +267,7 @@ class MicroBatchLearner:
                 reference=self.reference,
             )
             backward(part.loss * weight)
+            acc.loss += float(part.loss.detach()) * weight
             for key, value in part.metrics.items():
                 if key != "entropy":
                     acc.weighted[key] = acc.weighted.get(key, 0.0) + value * weight
@@ -264,15 +275,32 @@ class MicroBatchLearner:
             acc.entropy_tokens += part.entropy_tokens
         return acc
 
+    def refuses(self, loss: float, grad_norm: float) -> bool:
+        """True, counting it in `nonfinite_skipped`, when the step's loss or gradient norm is NaN or infinite: the
+        optimizer step must then be skipped (the weights and the optimizer state stay as they are)."""
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            return False
+        self.nonfinite_skipped += 1
+        return True
+
+    def skip_counter_state(self) -> dict:
+        """The refused-step counter as checkpoint state (nothing while it is 0, so older checkpoints read the same)."""
+        return {"nonfinite_skipped": self.nonfinite_skipped} if self.nonfinite_skipped else {}
+
+    def load_skip_counter(self, state: Mapping) -> None:
+        self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
+
 
 class TorchLearner(MicroBatchLearner):
-    """Plain-torch learner: AdamW, gradient clipping, micro-batches with accumulation, fp32 or bf16 autocast."""
+    """Plain-torch learner: AdamW, gradient clipping, micro-batches with accumulation, fp32 or bf16 autocast. A step
+    whose loss or gradient norm is not finite is refused (no optimizer step; `nonfinite_skipped` counts it)."""
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict()}
+        return {"optimizer": self.optimizer.state_dict(), **self.skip_counter_state()}
 
     def load_state_dict(self, state: Mapping) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
+        self.load_skip_counter(state)
 
     def train_step(self, groups: Sequence[MixedGroup], prompt_ids: Mapping[str, list[int]]) -> dict[str, float]:
         """One optimizer step on G mixed groups; returns metrics (loss, clip fractions, entropy, grad_norm, ...)."""
@@ -281,7 +309,8 @@ class TorchLearner(MicroBatchLearner):
         self.optimizer.zero_grad(set_to_none=True)
         acc = self.accumulate(self.model, groups, prompt_ids, backward=lambda loss: loss.backward())
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        self.optimizer.step()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        if not self.refuses(acc.loss, grad_norm):
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return step_metrics(acc, float(grad_norm), groups, time.perf_counter() - start)
+        return step_metrics(acc, grad_norm, groups, time.perf_counter() - start, self.nonfinite_skipped)

@@ -80,7 +80,9 @@ class TaskLike(Protocol):
 
 
 class LearnerLike(Protocol):
-    """What the runner needs of a learner: npo.runtime.learner.TorchLearner, or services/learner's DeepSpeedLearner."""
+    """What the runner needs of a learner: npo.runtime.learner.TorchLearner, or services/learner's DeepSpeedLearner.
+    A learner that refuses steps (a non-finite loss or gradient norm) counts them in `nonfinite_skipped`; the runner
+    then logs the step and leaves the optimizer-step counter and the published weights as they were."""
 
     def train_step(self, groups: Sequence[Any], prompt_ids: dict[str, list[int]]) -> dict[str, float]: ...
 
@@ -231,7 +233,7 @@ class Runner:
         """Run to train.steps (from the latest checkpoint when resuming); returns the run folder."""
         (self.out / "config.yaml").write_text(_yaml(run_config_to_dict(self.cfg)))
         if resume:
-            self._resume()
+            self.resume()
         else:
             for name in ("metrics.jsonl", "interventions.jsonl"):
                 (self.out / name).write_text("")
@@ -341,9 +343,17 @@ class Runner:
             is_correction=is_correction,
             rollout_logprobs=lambda samples: self._score_now(prompt_ids, samples),
         )
+        refused_before = getattr(self.learner, "nonfinite_skipped", 0)
         metrics = self.learner.train_step(mixed, prompt_ids)
-        self._weights_changed = True
-        self.optimizer_steps += 1
+        if getattr(self.learner, "nonfinite_skipped", 0) > refused_before:
+            self.log(
+                f"[{self.run}] step {t}: non-finite loss ({metrics.get('loss')}) or gradient norm "
+                f"({metrics.get('grad_norm')}); optimizer step skipped, weights unchanged "
+                f"({int(metrics['nonfinite_skipped'])} skipped so far)"
+            )
+        else:
+            self._weights_changed = True
+            self.optimizer_steps += 1
         row = self._step_row(t, groups, pass_rates, tau_gate, gen_seconds, metrics)
         self._write_row(row)
         if cfg.method is Method.AUTONPO and math.isfinite(row["entropy"]):
@@ -585,7 +595,10 @@ class Runner:
         return keep
 
     def _restore_trainer(self, step: int):
-        checkpoint = self.ckpt.load(step)
+        return self._apply_trainer(self.ckpt.load(step))
+
+    def _apply_trainer(self, checkpoint):
+        """Weights, optimizer and RNG of a loaded checkpoint."""
         load_weights(self.policy.model, checkpoint.path)
         self.learner.load_state_dict(checkpoint.trainer_state)
         self._weights_changed = self.publish is not None
@@ -603,11 +616,19 @@ class Runner:
         self._last_reading = None
         self._pending_eval = self._evaluate(to_step) if self._eval_due(to_step) else {}
 
-    def _resume(self) -> None:
-        step = self.ckpt.latest()
-        if step is None:
+    def resume(self) -> int:
+        """Continue the run from its newest valid checkpoint (by save time; a corrupted one is set aside with a
+        warning and the previous one is used): weights, optimizer, RNG, runner state (segment, plans, AutoNPO,
+        mistake pool, the segment's guides); metrics.jsonl / interventions.jsonl lose the rows written after it.
+        Returns the step. FileNotFoundError without any checkpoint, CheckpointError when none is valid."""
+        checkpoint = self.ckpt.newest_valid(self.log)
+        if checkpoint is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {self.ckpt.root}")
-        checkpoint = self._restore_trainer(step)
+        self._apply_trainer(checkpoint)
+        self._load_runner_state(checkpoint)
+        return self.step
+
+    def _load_runner_state(self, checkpoint) -> None:
         state = checkpoint.runner_state
         self.step = state["step"]
         self.optimizer_steps = state["optimizer_steps"]

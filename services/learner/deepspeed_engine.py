@@ -33,6 +33,11 @@ ZeRO stages 0, 1 and 2. Stage 3 partitions the parameters themselves, so the run
 (npo.runtime.learner.load_weights) and save_pretrained would see empty tensors; it is refused until weights go
 through the engine (GatheredParameters or engine.save_checkpoint).
 
+A step whose loss or gradient norm is not finite is refused, as TorchLearner does: without ZeRO the engine steps
+with a no-op optimizer step (its counters advance, the weights and AdamW's state do not); ZeRO 1-2 take their own
+overflow path (gradients dropped, engine.skipped_steps + 1), which a non-finite gradient norm triggers by itself and
+a non-finite loss forces. `nonfinite_skipped` counts them.
+
 Checkpoint state (state_dict / load_state_dict) holds plain tensors and numbers only, so the runner's
 torch.load(weights_only=True) reads it. The runner loads the weights into the module first, then calls
 load_state_dict, which restores the optimizer state and re-derives ZeRO's fp32 master partition from those module
@@ -43,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import os
 import socket
 import time
@@ -126,6 +132,31 @@ def deepspeed_config(*, micro_batch_size: int, grad_clip: float, zero_stage: int
     }
 
 
+@contextlib.contextmanager
+def _optimizer_step_skipped(optimizer: Any):
+    """engine.step() inside the block keeps its bookkeeping (step counters, zeroing the gradients) but the optimizer
+    changes neither the weights nor its state: a refused step without ZeRO (ZeRO 1-2 skip one by themselves)."""
+    optimizer.step = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        del optimizer.step
+
+
+@contextlib.contextmanager
+def _zero_overflow_forced(optimizer: Any):
+    """engine.step() inside the block takes the ZeRO 1-2 optimizer's overflow path (gradients dropped, no update,
+    engine.skipped_steps + 1), as when its gradient norm is not finite: a refused step whose loss is not finite."""
+    saved = optimizer.check_grad_overflow
+    optimizer.check_grad_overflow = True
+    optimizer.has_overflow = lambda *args, **kwargs: True
+    try:
+        yield
+    finally:
+        del optimizer.has_overflow
+        optimizer.check_grad_overflow = saved
+
+
 class _EngineForward(torch.nn.Module):
     """The engine's forward with the causal LM's keyword signature, so token_logprobs can pass logits_to_keep (the
     LM head then runs on response positions only); DeepSpeedEngine.forward(*inputs, **kwargs) would hide it."""
@@ -193,10 +224,10 @@ class DeepSpeedLearner(MicroBatchLearner):
         """
         engine = {"global_steps": int(self.engine.global_steps), "global_samples": int(self.engine.global_samples)}
         if self.zero_stage == 0:
-            return {"optimizer": self.engine.optimizer.state_dict(), "engine": engine}
+            return {"optimizer": self.engine.optimizer.state_dict(), "engine": engine, **self.skip_counter_state()}
         full = self.engine.optimizer.state_dict()
         zero = {key: full[key] for key in _ZERO_STATE_KEYS if key in full}
-        return {"zero_optimizer": zero, "engine": engine}
+        return {"zero_optimizer": zero, "engine": engine, **self.skip_counter_state()}
 
     def load_state_dict(self, state: Mapping) -> None:
         """Restore the optimizer state of `state_dict()`. Load the model weights first: under ZeRO the fp32 master
@@ -213,6 +244,7 @@ class DeepSpeedLearner(MicroBatchLearner):
             self.engine.optimizer.load_state_dict(
                 [dict(state[key])], load_optimizer_states=True, load_from_fp32_weights=False
             )
+        self.load_skip_counter(state)
         counters = state.get("engine", {})
         self.engine.global_steps = int(counters.get("global_steps", self.engine.global_steps))
         self.engine.global_samples = int(counters.get("global_samples", self.engine.global_samples))
@@ -228,11 +260,24 @@ class DeepSpeedLearner(MicroBatchLearner):
             backward=lambda loss: self.engine.backward(loss, scale_wrt_gas=False),
             begin=self.engine.set_gradient_accumulation_boundary,
         )
-        grad_norm = self._stage0_grad_norm() if self.zero_stage == 0 else None
-        self.engine.step()
-        if grad_norm is None:
+        if self.zero_stage == 0:
+            grad_norm = self._stage0_grad_norm()
+            skip = self.refuses(acc.loss, grad_norm)
+            with _optimizer_step_skipped(self.engine.optimizer) if skip else contextlib.nullcontext():
+                self.engine.step()
+        else:
+            skipped_before = self.engine.skipped_steps
+            # ZeRO 1-2 skip a step whose gradient norm is not finite themselves; a non-finite loss forces that path.
+            with (
+                _zero_overflow_forced(self.engine.optimizer)
+                if not math.isfinite(acc.loss)
+                else contextlib.nullcontext()
+            ):
+                self.engine.step()
             grad_norm = float(self.engine.get_global_grad_norm())
-        return step_metrics(acc, grad_norm, groups, time.perf_counter() - start)
+            if self.engine.skipped_steps > skipped_before:
+                self.nonfinite_skipped += 1
+        return step_metrics(acc, grad_norm, groups, time.perf_counter() - start, self.nonfinite_skipped)
 
     def _stage0_grad_norm(self) -> float:
         """Without ZeRO the engine clips but does not report the norm: the pre-clip 2-norm of all gradients."""

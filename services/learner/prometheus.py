@@ -27,6 +27,10 @@ _GAUGES = {
     "npo_entropy": ("entropy", "Mean per-token policy entropy on the step's on-policy tokens (nats)"),
     "npo_eval_acc": ("eval_acc", "Held-out accuracy of the latest evaluation"),
     "npo_optimizer_steps": ("optimizer_steps", "Optimizer steps so far, scouts and replays included"),
+    "npo_nonfinite_skipped": (
+        "nonfinite_skipped",
+        "Optimizer steps refused so far for a non-finite loss or gradient norm (exported once one was)",
+    ),
 }
 
 

@@ -8,6 +8,10 @@ messages. Errors: bad arguments -> INVALID_ARGUMENT (ValueError), a rollback to 
 NOT_FOUND (KeyError), a call that conflicts with the running or paused segment -> FAILED_PRECONDITION (`LearnerBusy`,
 whose message names that segment's id).
 
+A learner started on a run folder that holds a checkpoint (`npo restart DIR learner` after a crash) resumes the run
+as `npo train --resume` does (`start_or_resume`); the first main-line RunSegment then continues the segment the run
+was in (a scout or an NPO replay of the config's plans) instead of replacing it.
+
     python -m services.learner --config configs/demo.yaml --out runs/learner --address 0.0.0.0:50053
 """
 
@@ -17,6 +21,7 @@ import argparse
 import contextlib
 import hashlib
 import logging
+import secrets
 import sys
 import threading
 from collections.abc import Sequence
@@ -28,6 +33,7 @@ import grpc
 
 from npo.core.config import ConfigError
 from npo.core.gate import check_tau_gate
+from npo.runtime.checkpoint import CheckpointError
 from npo.runtime.runner import Interrupted, Runner, Segment
 from services.grpc_common import DEFAULT_MAX_MESSAGE_BYTES, abort_on, host_of, serve_forever, start_server
 from services.proto.npo.v1 import common_pb2
@@ -117,6 +123,20 @@ def checkpoint_info(runner: Runner, step: int) -> common_pb2.CheckpointInfo:
     return common_pb2.CheckpointInfo(step=step, path=str(path.resolve()), version=version, created_unix_ms=created_ms)
 
 
+def _is_plan_segment(segment: Segment) -> bool:
+    """True for a segment other than the plain main line (a scout, an NPO replay, a labelled segment)."""
+    return segment.npo or segment.name != "grpo"
+
+
+def _unfinished(segment: Segment, step: int) -> bool:
+    """True while `segment` has steps left at `step` (a scout without an end runs until its plan ends it)."""
+    return segment.end < 0 or segment.end > step
+
+
+def _until(segment: Segment) -> str:
+    return f"until step {segment.end}" if segment.end >= 0 else "until its plan moves on"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -129,8 +149,11 @@ class LearnerControl:
         self.error = ""
         self.current: SegmentRun | None = None
         self.last_metrics: dict[str, float] = {}
-        self.finished = False
+        self.finished = runner.step >= runner.cfg.train.steps
+        self._restored = runner.segment if _is_plan_segment(runner.segment) else None
+        """A segment the runner resumed inside (from its checkpoint); the next main-line RunSegment continues it."""
         self._count = 0
+        self._epoch = secrets.token_hex(3)  # a restarted learner never reports a segment id of its predecessor
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._previous_after_step = runner.after_step
@@ -158,11 +181,15 @@ class LearnerControl:
                 )
             self._count += 1
             self.finished = False
-            self.current = SegmentRun(f"seg-{self._count:06d}", spec)
-            guide_step = spec.guide_step if spec.npo else -1
-            self.runner.segment = Segment(
-                spec.name, spec.npo, guide_step, spec.end_step, spec.tau_gate, spec.is_correction
-            )
+            self.current = SegmentRun(f"seg-{self._epoch}-{self._count:06d}", spec)
+            restored, self._restored = self._restored, None
+            if not spec.npo and restored is self.runner.segment and _unfinished(restored, self.runner.step):
+                log.info("main line: the resumed segment %s continues first (%s)", restored.name, _until(restored))
+            else:
+                guide_step = spec.guide_step if spec.npo else -1
+                self.runner.segment = Segment(
+                    spec.name, spec.npo, guide_step, spec.end_step, spec.tau_gate, spec.is_correction
+                )
             self._start()
             return self.current
 
@@ -226,7 +253,7 @@ class LearnerControl:
             if to_step not in self.runner.ckpt.steps():
                 raise KeyError(f"to_step: no checkpoint of step {to_step} (have: {self.runner.ckpt.steps()})")
             self.runner.rollback(to_step)
-            self.runner.segment = Segment("grpo")
+            self.runner.segment, self._restored = Segment("grpo"), None
             self.state, self.error, self.finished = IDLE, "", False
             return self.runner.step
 
@@ -370,15 +397,34 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def prepare_run_dir(runner: Runner) -> None:
-    """Write the run's config.yaml and start empty metrics.jsonl / interventions.jsonl (what Runner.train does)."""
+def prepare_run_dir(runner: Runner, *, fresh: bool = True) -> None:
+    """Write the run's config.yaml and (`fresh`) start empty metrics.jsonl / interventions.jsonl (what Runner.train
+    does)."""
     import yaml
 
     from npo.runtime.run_config import run_config_to_dict
 
     (runner.out / "config.yaml").write_text(yaml.safe_dump(run_config_to_dict(runner.cfg), sort_keys=False))
-    for name in ("metrics.jsonl", "interventions.jsonl"):
+    for name in ("metrics.jsonl", "interventions.jsonl") if fresh else ():
         (runner.out / name).write_text("")
+
+
+def start_or_resume(runner: Runner) -> int | None:
+    """A fresh run folder starts empty (prepare_run_dir); one that holds a checkpoint (a restarted learner) resumes
+    like `npo train --resume`: from its newest valid checkpoint (a corrupted one is set aside with a warning), the
+    rows written after it dropped, inside the segment and plan it was in. A run resumed at its end is finished again
+    (final checkpoint and row). Returns the resumed step, None for a fresh run; CheckpointError when no checkpoint
+    is valid."""
+    if not runner.ckpt.steps():
+        prepare_run_dir(runner)
+        return None
+    prepare_run_dir(runner, fresh=False)
+    step = runner.resume()
+    where = f"segment {runner.segment.name}, {_until(runner.segment)}"
+    print(f"learner: resumed {runner.out} at step {step} ({where})", flush=True)
+    if runner.step >= runner.cfg.train.steps:
+        runner.finish()
+    return step
 
 
 def remote_roles(
@@ -435,7 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             runner = Runner(cfg, out, policy=policy, task=task, learner=learner, progress=False, **roles)
             if metrics is not None:
                 runner.after_step = metrics.after_step
-            prepare_run_dir(runner)
+            start_or_resume(runner)
             server, port = serve(
                 runner, args.address, max_workers=args.workers, max_message_bytes=args.max_message_mb * 2**20
             )
@@ -444,7 +490,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             serve_forever(server, f"learner: serving on {host_of(args.address)}:{port} (run folder {runner.out})")
             if not cfg.cache.url and not args.cache:
                 roles["store"].clear_run(runner.run)
-    except (ConfigError, ValueError, OSError) as exc:
+    except (ConfigError, CheckpointError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
