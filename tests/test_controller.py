@@ -1,6 +1,8 @@
 """The controller against real services on 127.0.0.1 (guidance cache over a real Redis, a rollout replica, the
 learner with its /metrics) and its REST API on a real HTTP server: AutoNPO triggers by itself and records what it
-saw and chose; manual interventions run to completion; one intervention at a time; state survives a restart."""
+saw and chose; manual interventions run to completion; one intervention at a time; state survives a restart. Fast
+tests against a stand-in learner: a rollback beyond the learner's step is refused, an unreachable learner is reported
+(not a 500), and a restarted controller re-attaches to what reached the learner and abandons the rest."""
 
 import time
 
@@ -13,19 +15,21 @@ from npo.runtime.models import load_policy
 from npo.runtime.run_config import load_run_config
 from npo.runtime.runner import Runner
 from npo.runtime.tasks import COMPACT_ALPHABET, load_task
-from services.controller.api import create_app, serve_api
+from services.controller.api import create_app, serve_api, stop_api
 from services.controller.engine import Controller
-from services.controller.metrics import ScrapeSource
+from services.controller.errors import Conflict
+from services.controller.metrics import Reading, ScrapeSource
 from services.controller.records import InterventionRecords
 from services.guidance_cache.client import GuidanceCacheClient
 from services.guidance_cache.embedded import EmbeddedRedis
 from services.guidance_cache.server import serve as serve_cache
 from services.guidance_cache.store import RedisGuideStore
-from services.learner.client import LearnerClient
+from services.learner.client import CheckpointRecord, LearnerClient, LearnerStatus
 from services.learner.prometheus import LearnerMetrics
 from services.learner.publish import WeightPublisher
 from services.learner.server import prepare_run_dir
 from services.learner.server import serve as serve_learner
+from services.ops.control import format_status
 from services.rollout.client import RolloutClient
 from services.rollout.server import serve as serve_rollout
 
@@ -244,3 +248,114 @@ def test_a_restarted_controller_keeps_its_history_and_cooldown(services):
     assert second.records.get(record.id).state == "abandoned"
     assert second.recovered["abandoned"] == record.id and "resumed" in second.recovered
     assert services.learner.status().state in ("running", "idle")
+
+
+# -- the controller against a stand-in learner (fast): 409 rollbacks, an unreachable learner, restart rules --------
+
+
+class FakeLearner:
+    """A learner client's methods over a fixed state (step 10 of 30, checkpoints 0, 5, 10); `down` makes every call
+    raise what LearnerClient raises for a server that does not answer."""
+
+    def __init__(self, state="running", step=10, segment_id="seg-1"):
+        self.state, self.step, self.segment_id, self.down, self.resumed = state, step, segment_id, False, 0
+
+    def _check(self):
+        if self.down:
+            raise ConnectionError("Learner.Status to 127.0.0.1:9: server unavailable")
+
+    def status(self):
+        self._check()
+        return LearnerStatus(self.state, self.step, self.segment_id, "grpo", -1, 30, run="fake", run_steps=30)
+
+    def list_checkpoints(self):
+        self._check()
+        return [CheckpointRecord(s, f"/ckpt/{s}", "", 0) for s in (0, 5, 10)]
+
+    def resume(self):
+        self._check()
+        self.resumed += 1
+        self.state = "running"
+        return self.state, self.step
+
+
+class NoMetrics:
+    def read(self):
+        return Reading(error="no metrics here")
+
+    def describe(self):
+        return "none"
+
+
+def fake_controller(tmp_path, learner, **kwargs):
+    cfg = load_run_config(None, [f"model.cache_dir={tmp_path / 'models'}", *OVERRIDES])
+    return Controller(
+        cfg, learner=learner, rollout=None, cache=None, source=NoMetrics(),
+        records=InterventionRecords(tmp_path / "controller.db"), problems=load_task(cfg.task).train,
+        encode=lambda problem: [], autonpo=False, poll_s=0.05, learner_retry_s=0.3, **kwargs,
+    )  # fmt: skip
+
+
+def test_a_rollback_beyond_the_learners_step_is_a_conflict_naming_both_steps(tmp_path):
+    controller = fake_controller(tmp_path, FakeLearner(step=10))
+    with pytest.raises(Conflict, match=r"20 is beyond the learner's current step 10"):
+        controller.start_rollback(20)
+    assert controller.records.list() == []
+
+
+def test_an_unreachable_learner_is_reported_not_an_error(tmp_path):
+    learner = FakeLearner()
+    controller = fake_controller(tmp_path, learner)
+    learner.down = True
+    status = controller.status()
+    assert status["learner"]["reachable"] is False and "server unavailable" in status["learner"]["error"]
+    assert "learner: unreachable (" in format_status(status, [])
+    server, thread, port = serve_api(create_app(controller, TOKEN), "127.0.0.1", 0)
+    try:
+        reply = httpx.get(f"http://127.0.0.1:{port}/v1/status", timeout=30)
+        started = httpx.post(f"http://127.0.0.1:{port}/v1/rollback", json={"step": 5}, headers=AUTH, timeout=30)
+    finally:
+        stop_api(server, thread)
+    assert reply.status_code == 200 and reply.json()["learner"]["reachable"] is False
+    assert started.status_code == 503 and "does not answer" in started.json()["detail"]
+    learner.down = False  # back: the same controller answers with it again
+    back = controller.status()["learner"]
+    assert back["reachable"] is True and back["step"] == 10
+    with pytest.raises(ConnectionError, match="stayed unreachable"):
+        learner.down = True
+        fake_controller(tmp_path / "second", learner)  # started while the learner is down: waits, then says so
+
+
+def _interrupted(tmp_path, commands, kind="early_bootstrap", request=None):
+    """A records file as a controller SIGKILLed during an intervention of `kind` leaves it."""
+    records = InterventionRecords(tmp_path / "controller.db")
+    iv = records.start(kind, request or {"scout_steps": 4})
+    for call, args, result in commands:
+        records.add_command(iv.id, call, args, result)
+    records.close()
+    return iv.id
+
+
+def test_a_restarted_controller_reattaches_only_to_what_reached_the_learner(tmp_path):
+    paused = ("Controller.Paused", {}, {"step": 10, "segment_end": 30})
+    main_line = ("Learner.RunSegment", {"from_step": 14, "length": 16, "mode": "grpo", "phase": "main_line"},
+                 {"segment_id": "seg-1", "end_step": 30})  # fmt: skip
+    iv = _interrupted(tmp_path, [paused, main_line])
+    controller = fake_controller(tmp_path, FakeLearner())
+    controller.wait_idle(30)
+    record = controller.records.get(iv)
+    assert record.state == "succeeded" and record.outcome["reattached"] and controller.recovered["reattached"] == iv
+    assert record.commands[-1]["call"] == "Controller.Reattach"
+
+    scout = ("Learner.RunSegment", {"from_step": 10, "length": 4, "mode": "grpo", "label": "scout"},
+             {"segment_id": "seg-9", "end_step": 14})  # fmt: skip
+    iv = _interrupted(tmp_path, [paused, scout])
+    controller = fake_controller(tmp_path, FakeLearner(segment_id="seg-10"))  # the learner has moved on
+    record = controller.records.get(iv)
+    assert record.state == "abandoned" and "Learner.RunSegment" in record.error
+
+    learner = FakeLearner(state="paused")
+    iv = _interrupted(tmp_path, [("Learner.Pause", {}, {"state": "paused", "step": 10})])
+    controller = fake_controller(tmp_path, learner)
+    assert controller.records.get(iv).state == "abandoned" and learner.resumed == 1
+    assert controller.recovered["resumed"] == {"state": "running", "step": 10}

@@ -33,7 +33,8 @@ CHECKPOINTS = (0, 10, 20)
 class StandIn:
     """The real Controller's methods over a real InterventionRecords, with a fixed run (step 25 of 100,
     checkpoints 0, 10, 20). `finish_at_once` ends every intervention right after it starts (for the fuzz, so that
-    starts keep reaching the controller); step 13 is a checkpoint whose rollback fails unexpectedly (500)."""
+    starts keep reaching the controller); step 13 is a checkpoint whose rollback fails unexpectedly (500); a step
+    after 25 is beyond the learner's step (409)."""
 
     def __init__(self, records, finish_at_once=False):
         self.records, self.finish_at_once = records, finish_at_once
@@ -70,6 +71,8 @@ class StandIn:
         return self._start("plateau_breakthrough", {"plateau_start": plateau_start, "lookahead": lookahead_steps})
 
     def start_rollback(self, step):
+        if step > 25:  # as the real controller: a rollback goes back, never beyond the learner's current step
+            raise Conflict(f"step: {step} is beyond the learner's current step 25; a rollback goes back")
         if step == 13:
             raise RuntimeError(f"learner unreachable\nsecond line of {TOKEN}")
         if step not in CHECKPOINTS:
@@ -318,3 +321,27 @@ def test_fuzzing_the_api_from_its_schema_finds_no_server_error(tmp_path):
         assert 200 in seen["PUT /v1/autonpo"] and 422 in seen["PUT /v1/autonpo"]
     finally:
         stop_api(server, thread)
+
+
+def test_a_rollback_beyond_the_learners_step_is_409_naming_both_steps(api):
+    controller, http = api
+    ahead = http.post("/v1/rollback", json={"step": 30}, headers=AUTH)
+    assert ahead.status_code == 409 and "30" in ahead.json()["detail"] and "current step 25" in ahead.json()["detail"]
+    assert controller.records.list() == []  # refused at request time: nothing was started
+
+
+class UnreachableLearner(StandIn):
+    """The stand-in with its learner down: starting an intervention raises what a learner client raises."""
+
+    def start_rollback(self, step):
+        raise ConnectionError("Learner.Status to 127.0.0.1:9: server unavailable")
+
+
+def test_an_unreachable_learner_is_503_not_500(tmp_path):
+    controller = UnreachableLearner(InterventionRecords(tmp_path / "c.db"))
+    server, thread, port = serve_api(create_app(controller, TOKEN), "127.0.0.1", 0)
+    try:
+        reply = httpx.post(f"http://127.0.0.1:{port}/v1/rollback", json={"step": 0}, headers=AUTH, timeout=10)
+    finally:
+        stop_api(server, thread)
+    assert reply.status_code == 503 and "server unavailable" in reply.json()["detail"]

@@ -17,10 +17,12 @@ need no token unless `read_auth=True` (then every /v1 route needs it); /healthz 
 
 Errors (body `{"detail": ...}`): an invalid body or query -> 422 naming the field (types are strict: "5" is not an
 int, 1 is not a bool; unknown fields are refused; a body that is not JSON is 422 too); ValueError / ConfigError from
-the controller -> 422 with its message; errors.Busy -> 409 with `running_id`; errors.Conflict -> 409; errors.NotFound
--> 404; anything else -> 500 with a one-line message (the traceback goes to the server log only). Non-finite floats
-in the controller's answers are sent as null (JSON has no NaN; a missing reading is null, never 0). A request body
-larger than MAX_BODY_BYTES (64 KiB) is 413 before it is parsed: by its Content-Length, or while it streams in.
+the controller -> 422 with its message; errors.Busy -> 409 with `running_id`; errors.Conflict -> 409 (e.g. a rollback
+to a step beyond the learner's current step, naming both); errors.NotFound -> 404; the learner unreachable
+(ConnectionError, TimeoutError) -> 503 with the reason; anything else -> 500 with a one-line message (the traceback
+goes to the server log only). Non-finite floats in the controller's answers are sent as null (JSON has no NaN; a
+missing reading is null, never 0). A request body larger than MAX_BODY_BYTES (64 KiB) is 413 before it is parsed: by
+its Content-Length, or while it streams in.
 """
 
 from __future__ import annotations
@@ -151,7 +153,7 @@ _STATUS_DOC = {
     404: "no such checkpoint or intervention",
     409: "another intervention runs (running_id), or the run's state forbids the request",
     422: "invalid body or query (names the field), or a value the controller refuses",
-    503: "no API token is configured: mutating routes are off",
+    503: "no API token is configured (mutating routes are off), or the learner does not answer",
 }
 
 
@@ -190,7 +192,8 @@ def create_app(controller: Any, token: str | None, *, read_auth: bool = False) -
 
 def add_error_handlers(app: FastAPI) -> None:
     """Every error as a JSON body {"detail": ...} with its status: refusals 401/503, Busy/Conflict 409, NotFound 404,
-    bad values 422, anything unexpected 500 with one line (the traceback goes to the log only)."""
+    bad values 422, an unreachable learner 503, anything unexpected 500 with one line (the traceback goes to the log
+    only)."""
 
     @app.exception_handler(_Refused)
     async def refused(request: Request, exc: _Refused) -> JSONResponse:
@@ -208,6 +211,14 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(NotFound)
     async def not_found(request: Request, exc: NotFound) -> JSONResponse:
         return _error(404, str(exc.args[0]) if exc.args else "not found")
+
+    @app.exception_handler(ConnectionError)
+    async def unreachable(request: Request, exc: ConnectionError) -> JSONResponse:
+        return _error(503, f"a service the controller needs does not answer: {exc}")
+
+    @app.exception_handler(TimeoutError)
+    async def timed_out(request: Request, exc: TimeoutError) -> JSONResponse:
+        return _error(503, f"a service the controller needs did not answer in time: {exc}")
 
     @app.exception_handler(ConfigError)
     async def config_error(request: Request, exc: ConfigError) -> JSONResponse:

@@ -43,6 +43,8 @@ class ControllerClient:
 
     def __init__(self, base_url: str, token: str | None = None, timeout_s: float = 30.0) -> None:
         self.base_url, self.token = base_url.rstrip("/"), token
+        self.run_dir: str | None = None
+        """The run folder of `npo up` this client was opened from, when it was (`npo status` lists its services)."""
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout_s)
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None, **params: Any) -> Any:

@@ -12,9 +12,29 @@ itself is npo.runtime.probe, the one the embedded runner runs, here with the ser
 Manual interventions (early bootstrap, plateau breakthrough, plain rollback) run the same way in a worker thread,
 one intervention at a time (records.start refuses a second with errors.Busy). Every intervention is recorded
 durably (services/controller/records.py): the trigger readings, the candidates with Q_hat/V_hat/S_hat, the choice,
-each command sent with its result, and the outcome. The trigger's state, the cool-down and the AutoNPO switch are
-saved after every change, so a restarted controller continues with its history; an intervention that was running
-when the controller died is marked abandoned, and a learner left paused by it is resumed.
+where the learner was paused (`Controller.Paused`: its step and the end of the segment it ran), each command sent
+with its result, and the outcome. The trigger's state, the cool-down and the AutoNPO switch are saved after every
+change, so a restarted controller continues with its history.
+
+The learner unreachable (restarting, network): `status()` answers with `learner: {reachable: false, error}` instead
+of failing, the metrics loop skips the learner until it answers again, and a REST request that needs the learner
+is 503. An intervention in flight retries its idempotent learner calls (Status, Pause, Resume, Rollback,
+SaveCheckpoint, ListCheckpoints) for up to `learner_retry_s`, then fails with the reason. RunSegment is not
+retried (a lost answer may have started a segment): it fails the intervention. A segment waited for must end at its
+end step in the same segment; a learner that restarted meanwhile (another segment id, another step) fails the
+intervention with both steps named, and the main line is left to `npo train --connect`.
+
+A controller restarted while an intervention was running (SIGKILL, OOM) applies this rule, so that the run ends as
+an uninterrupted one would wherever the learner still holds what the intervention commanded:
+- its last recorded command is a Learner.RunSegment the learner accepted, and the learner still runs that segment or
+  finished it without starting another (same segment id, idle at its end step): the controller re-attaches. It
+  waits for the segment and sends the intervention's remaining commands, as the dead controller would have (after
+  a scout or lookahead segment: checkpoint, guides, roll back, NPO replay, continue the main line; after an NPO
+  replay: continue the main line). The record gets a `Controller.Reattach` command and ends as usual. When that
+  segment was the main-line continuation (the intervention's last command) it is marked succeeded.
+- anything else is abandoned: its remaining commands never reached the learner (the controller died between two
+  commands, during the probe or guide sampling, or the learner has moved on); a learner left paused by it is
+  resumed and `npo train --connect` continues the main line. The record says which command came last.
 
 The learner's own run config should not run AutoNPO itself (`npo up` starts it with method=grpo when the
 controller runs AutoNPO). Checkpoint retention (`checkpoint.keep_last`) must keep the steps interventions need.
@@ -46,12 +66,29 @@ log = logging.getLogger(__name__)
 
 AUTONPO_STATE_KEY = "autonpo"
 """records' state key of the AutoNPO switch, its overrides, the trigger's state and the last step observed."""
+REATTACHED_LABELS = ("scout", "lookahead", "npo_replay", "autonpo_replay")
+"""Segments of an intervention a restarted controller re-attaches to (see the module docstring)."""
+UNREACHABLE = (ConnectionError, TimeoutError)
+"""What a learner call raises when the learner does not answer."""
+
+
+def wait_for_learner(learner: Any, timeout_s: float, poll_s: float = 1.0) -> Any:
+    """The learner's status once it answers (retrying for up to `timeout_s`); ConnectionError after that."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return learner.status()
+        except UNREACHABLE as exc:
+            if time.monotonic() > deadline:
+                raise ConnectionError(f"the learner stayed unreachable for {timeout_s:g} s: {exc}") from None
+            time.sleep(poll_s)
 
 
 class Controller:
     """The controller of one run. `learner`, `rollout`, `cache` are the services' clients (LearnerClient,
     RolloutClient, GuidanceCacheClient); `source` reads the metrics; `records` is an InterventionRecords;
-    `problems` the run's training problems and `encode` their prompt token ids (the policy's tokenizer)."""
+    `problems` the run's training problems and `encode` their prompt token ids (the policy's tokenizer).
+    `learner_retry_s`: how long idempotent learner calls are retried while the learner does not answer."""
 
     def __init__(
         self,
@@ -67,13 +104,15 @@ class Controller:
         autonpo: bool = True,
         poll_s: float = 1.0,
         segment_timeout_s: float = 24 * 3600.0,
+        learner_retry_s: float = 120.0,
     ) -> None:
         self.cfg, self.learner, self.rollout, self.cache = cfg, learner, rollout, cache
         self.source, self.records, self.encode = source, records, encode
         self.problems = {p.prompt_id: p for p in problems}
         self.sampler = PromptSampler(list(problems), cfg.train.prompts_per_step, cfg.seed)
-        self.poll_s, self.segment_timeout_s = poll_s, segment_timeout_s
-        self.run = learner.status().run
+        self.poll_s, self.segment_timeout_s, self.learner_retry_s = poll_s, segment_timeout_s, learner_retry_s
+        self.run = wait_for_learner(learner, learner_retry_s).run
+        self._unreachable_logged = False
         self.reading = Reading(error="not read yet")
         self._lock = threading.RLock()
         self._stop = threading.Event()
@@ -103,15 +142,25 @@ class Controller:
             self._thread.join(timeout_s)
 
     def _recover(self) -> dict[str, Any]:
-        """After a restart: mark a half-done intervention abandoned and resume a learner it left paused."""
+        """After a restart: re-attach to the running intervention's segment, or mark it abandoned and resume a
+        learner it left paused (the rule is in the module docstring)."""
         running = self.records.running()
         if running is None:
             return {}
-        status = self.learner.status()
+        status = self._retry(self.learner.status)
         last = running.commands[-1]["call"] if running.commands else "none"
         note = {"learner_state": status.state, "learner_step": status.step, "last_command": last}
+        body = self._reattach(running, status)
+        if body is not None:
+            self.records.add_command(running.id, "Controller.Reattach", {"after": "restart"}, note)
+            self._worker = threading.Thread(
+                target=self._execute, args=(running.id, body), name=f"intervention-{running.id}", daemon=True
+            )
+            self._worker.start()
+            log.warning("re-attached to intervention %s after a restart: %s", running.id, note)
+            return {"reattached": running.id, **note}
         if status.state == "paused":
-            state, step = self.learner.resume()
+            state, step = self._retry(self.learner.resume)
             note["resumed"] = {"state": state, "step": step}
         self.records.finish(
             running.id, "abandoned", outcome=note, error=f"the controller restarted during it (last command: {last})"
@@ -119,14 +168,62 @@ class Controller:
         log.warning("intervention %s was abandoned by a restart: %s", running.id, note)
         return {"abandoned": running.id, **note}
 
+    def _reattach(self, running: Any, status: Any) -> Callable[[str], dict] | None:
+        """The rest of `running` when its last command is a segment the learner holds (see the module docstring),
+        else None."""
+        last = running.commands[-1] if running.commands else {}
+        result = last.get("result")
+        if last.get("call") != "Learner.RunSegment" or not isinstance(result, dict):
+            return None
+        args, seg_id, end_step = last["args"], result["segment_id"], result["end_step"]
+        if args.get("phase") == "main_line":  # the intervention had sent its last command
+            return lambda iv: {"main_line": {"continued": True, "segment_id": seg_id, "end_step": end_step},
+                               "reattached": True}  # fmt: skip
+        paused = next((c["result"] for c in reversed(running.commands) if c["call"] == "Controller.Paused"), None)
+        label = args.get("label", "")
+        if paused is None or label not in REATTACHED_LABELS or status.segment_id != seg_id:
+            return None
+        if status.state not in ("running", "idle") or status.state == "idle" and status.step != end_step:
+            return None
+        end, request = paused["segment_end"], running.request
+        if label == "scout":
+            plan = early_bootstrap_plan(paused["step"], request["scout_steps"])
+            return lambda iv: self._early_rest(iv, plan, end, seg_id)
+        if label == "lookahead":
+            plan = plateau_breakthrough_plan(request["plateau_start"], request["lookahead_steps"])
+            return lambda iv: self._plateau_rest(iv, plan, end, seg_id)
+        guides = next((c["args"]["guides"] for c in reversed(running.commands) if c["call"].endswith("PutGuides")), 0)
+        outcome = {"guides": guides, "reattached": True}
+        if running.kind == "autonpo":
+            outcome.update(intervened=True, delta=args["length"])
+        return lambda iv: self._replay_rest(iv, seg_id, end_step, end, outcome)
+
+    def _retry(self, fn: Callable[[], Any]) -> Any:
+        """`fn()` (an idempotent learner call), retried while the learner does not answer, for up to
+        learner_retry_s; then ConnectionError naming how long it waited."""
+        deadline = time.monotonic() + self.learner_retry_s
+        while True:
+            try:
+                return fn()
+            except UNREACHABLE as exc:
+                if time.monotonic() > deadline or self._stop.is_set():
+                    raise ConnectionError(
+                        f"the learner stayed unreachable for {self.learner_retry_s:g} s: {exc}"
+                    ) from None
+                time.sleep(min(1.0, self.poll_s))
+
     # -- reads -----------------------------------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        """Step, reward and entropy of the latest reading (None when missing: never 0), the learner, the AutoNPO
-        state and the running intervention."""
+        """Step, reward and entropy of the latest reading (None when missing: never 0), the learner (`reachable`
+        False with the `error` when it does not answer), the AutoNPO state and the running intervention."""
         reading = self.reading
-        learner = asdict(self.learner.status())
-        learner.pop("metrics", None)
+        try:
+            learner = {"reachable": True, **asdict(self.learner.status())}
+            learner.pop("metrics", None)
+        except UNREACHABLE as exc:
+            learner = {"reachable": False, "error": str(exc), "state": "unreachable", "step": None, "segment_id": "",
+                       "mode": "", "guide_step": None, "segment_end_step": None, "run_steps": None}  # fmt: skip
         running = self.records.running()
         return {
             "step": reading.step,
@@ -192,6 +289,11 @@ class Controller:
         while not self._stop.is_set():
             try:
                 self.poll_once()
+                self._unreachable_logged = False
+            except UNREACHABLE as exc:  # the learner restarts: poll again until it answers
+                if not self._unreachable_logged:
+                    log.warning("the learner does not answer; polling on: %s", exc)
+                    self._unreachable_logged = True
             except Exception:  # noqa: BLE001 - the loop must outlive a failed poll; the error is logged
                 log.exception("controller poll failed")
             self._stop.wait(self.poll_s)
@@ -225,7 +327,7 @@ class Controller:
     # -- manual interventions (validated now, executed in a worker thread) -------------------------------------------
 
     def _checkpoints(self) -> dict[int, str]:
-        return {c.step: c.path for c in self.learner.list_checkpoints()}
+        return {c.step: c.path for c in self._retry(self.learner.list_checkpoints)}
 
     def _refuse_when_busy(self) -> None:
         running = self.records.running()
@@ -266,10 +368,14 @@ class Controller:
         )
 
     def start_rollback(self, step: int) -> dict[str, Any]:
-        """Roll the learner back to checkpoint `step` and continue the main line from there."""
+        """Roll the learner back to checkpoint `step` (at most its current step: else Conflict, 409) and continue
+        the main line from there."""
         if step < 0:
             raise ValueError(f"step: must be >= 0, got {step}")
         self._refuse_when_busy()
+        current = self.learner.status().step
+        if step > current:
+            raise Conflict(f"step: {step} is beyond the learner's current step {current}; a rollback goes back")
         have = self._checkpoints()
         if step not in have:
             raise NotFound(f"step: no checkpoint of step {step} (have: {sorted(have)})")
@@ -302,22 +408,23 @@ class Controller:
 
     # -- commands ----------------------------------------------------------------------------------------------------
 
-    def _cmd(self, iv: str, call: str, args: dict[str, Any], fn: Callable[[], Any], summary=None) -> Any:
-        """Run one command, record it with its (summarised) result."""
-        result = fn()
+    def _cmd(self, iv: str, call: str, args: dict[str, Any], fn: Callable[[], Any], summary=None, retry=False) -> Any:
+        """Run one command (an idempotent learner call with `retry`: retried while the learner does not answer),
+        record it with its (summarised) result."""
+        result = self._retry(fn) if retry else fn()
         shown = summary(result) if summary else result
         self.records.add_command(iv, call, args, shown if isinstance(shown, (dict, list, int, float, str)) else None)
         return result
 
     def _pause(self, iv: str) -> tuple[int, int | None]:
         """Stop the learner between steps and end its segment; returns (its step, the end step of the segment it was
-        running, None when it was idle)."""
-        status = self.learner.status()
+        running, None when it was idle), recorded as `Controller.Paused`."""
+        status = self._retry(self.learner.status)
         end = status.segment_end_step if status.state in ("running", "paused") and not status.finished else None
         deadline = time.monotonic() + self.segment_timeout_s
         while status.state == "running":
-            self._cmd(iv, "Learner.Pause", {}, self.learner.pause, lambda r: {"state": r[0], "step": r[1]})
-            status = self.learner.status()
+            self._cmd(iv, "Learner.Pause", {}, self.learner.pause, lambda r: {"state": r[0], "step": r[1]}, True)
+            status = self._retry(self.learner.status)
             if time.monotonic() > deadline:
                 raise TimeoutError("the learner did not pause")
         if status.state == "failed":
@@ -326,12 +433,14 @@ class Controller:
             # End the paused segment (the intervention runs its own): roll back to the step the pause checkpointed,
             # which restores exactly the state the learner is in.
             self._cmd(iv, "Learner.Rollback", {"to_step": status.step, "why": "end the paused segment"},
-                      lambda: self.learner.rollback(status.step))  # fmt: skip
+                      lambda: self.learner.rollback(status.step), retry=True)  # fmt: skip
         if end is not None and status.step >= end:
             end = None  # the segment completed while we paused it
+        self.records.add_command(iv, "Controller.Paused", {}, {"step": status.step, "segment_end": end})
         return status.step, end
 
-    def _run(self, iv: str, from_step: int, length: int, mode: str, guide_step: int = -1, label: str = "") -> Any:
+    def _start(self, iv: str, from_step: int, length: int, mode: str, guide_step: int = -1, label: str = "") -> str:
+        """Start a segment (RunSegment: not retried); returns its id."""
         args = {"from_step": from_step, "length": length, "mode": mode, "guide_step": guide_step, "label": label}
         started = self._cmd(
             iv,
@@ -340,26 +449,50 @@ class Controller:
             lambda: self.learner.run_segment(from_step, length, mode, guide_step=guide_step, label=label),
             lambda r: {"segment_id": r.segment_id, "end_step": r.end_step},
         )
-        status = self.learner.wait_segment(started.segment_id, timeout_s=self.segment_timeout_s, poll_s=0.2)
-        self.records.add_command(iv, "Learner.WaitSegment", {"segment_id": started.segment_id}, {"step": status.step})
+        return started.segment_id
+
+    def _wait(self, iv: str, segment_id: str, end_step: int) -> Any:
+        """Wait for segment `segment_id` to end at `end_step` (Status retried while the learner does not answer);
+        Conflict naming both steps when the learner is elsewhere (it restarted, or another segment runs)."""
+        deadline = time.monotonic() + self.segment_timeout_s
+        while True:
+            status = self._retry(self.learner.status)
+            if status.segment_id != segment_id or status.state != "running":
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"segment {segment_id}: still running after {self.segment_timeout_s:g} s")
+            time.sleep(0.2)
+        if status.segment_id == segment_id and status.state == "failed":
+            raise RuntimeError(f"segment {segment_id} failed: {status.error}")
+        if status.segment_id != segment_id or status.step != end_step:
+            raise Conflict(
+                f"segment {segment_id} did not end at step {end_step}: the learner is {status.state} at step "
+                f"{status.step} in segment {status.segment_id or '-'} (it restarted, or someone else commanded it)"
+            )
+        self.records.add_command(iv, "Learner.WaitSegment", {"segment_id": segment_id}, {"step": status.step})
         return status
+
+    def _run(self, iv: str, from_step: int, length: int, mode: str, guide_step: int = -1, label: str = "") -> Any:
+        return self._wait(iv, self._start(iv, from_step, length, mode, guide_step, label), from_step + length)
 
     def _continue_main(self, iv: str, end: int | None) -> dict[str, Any]:
         """Continue the main line to `end` (where the learner was going before the intervention)."""
-        status = self.learner.status()
+        status = self._retry(self.learner.status)
         if end is None or status.step >= end:
             return {"continued": False, "step": status.step}
         started = self._cmd(
             iv,
             "Learner.RunSegment",
-            {"from_step": status.step, "length": end - status.step, "mode": "grpo"},
+            {"from_step": status.step, "length": end - status.step, "mode": "grpo", "phase": "main_line"},
             lambda: self.learner.run_segment(status.step, end - status.step, "grpo"),
             lambda r: {"segment_id": r.segment_id, "end_step": r.end_step},
         )
         return {"continued": True, "from_step": status.step, "end_step": end, "segment_id": started.segment_id}
 
     def _save_checkpoint(self, iv: str) -> str:
-        record = self._cmd(iv, "Learner.SaveCheckpoint", {}, self.learner.save_checkpoint, lambda r: {"step": r.step})
+        record = self._cmd(
+            iv, "Learner.SaveCheckpoint", {}, self.learner.save_checkpoint, lambda r: {"step": r.step}, retry=True
+        )
         return record.path
 
     def _load_policy(self, iv: str, step: int, path: str) -> None:
@@ -399,7 +532,7 @@ class Controller:
         return len(guides)
 
     def _rollback_to(self, iv: str, step: int) -> None:
-        self._cmd(iv, "Learner.Rollback", {"to_step": step}, lambda: self.learner.rollback(step))
+        self._cmd(iv, "Learner.Rollback", {"to_step": step}, lambda: self.learner.rollback(step), retry=True)
         with self._lock:
             self.autonpo.on_rollback(step)
 
@@ -410,26 +543,39 @@ class Controller:
         plan = early_bootstrap_plan(t0, scout_steps)
         self.records.update(iv, choice={"plan": plan.to_dict()})
         self._save_checkpoint(iv)
-        self._run(iv, t0, scout_steps, "grpo", label="scout")
+        return self._early_rest(iv, plan, end, self._start(iv, t0, scout_steps, "grpo", label="scout"))
+
+    def _early_rest(self, iv: str, plan: Any, end: int | None, scout_id: str) -> dict[str, Any]:
+        """An early bootstrap from its running scout segment on (a restarted controller re-attaches here)."""
+        self._wait(iv, scout_id, plan.guide_step)
         path = self._save_checkpoint(iv)
-        found = self._guides(iv, plan.guide_step, path, plan.replay_range())
-        self._rollback_to(iv, plan.rollback_step)
-        self._run(iv, plan.rollback_step, plan.replay_steps, "npo", guide_step=plan.guide_step, label="npo_replay")
-        return {"guides": found, "main_line": self._continue_main(iv, end)}
+        return self._guided_replay(iv, plan, path, end, "npo_replay")
 
     def _plateau(self, iv: str, plateau_start: int, lookahead: int) -> dict[str, Any]:
         t, end = self._pause(iv)
         plan = plateau_breakthrough_plan(plateau_start, lookahead)
         self.records.update(iv, choice={"plan": plan.to_dict()})
         if t < plan.guide_step:
-            self._run(iv, t, plan.guide_step - t, "grpo", label="lookahead")
-            path = self._save_checkpoint(iv)
-        else:
-            path = self._checkpoints()[plan.guide_step] if t > plan.guide_step else self._save_checkpoint(iv)
+            return self._plateau_rest(iv, plan, end, self._start(iv, t, plan.guide_step - t, "grpo", label="lookahead"))
+        path = self._checkpoints()[plan.guide_step] if t > plan.guide_step else self._save_checkpoint(iv)
+        return self._guided_replay(iv, plan, path, end, "npo_replay")
+
+    def _plateau_rest(self, iv: str, plan: Any, end: int | None, lookahead_id: str) -> dict[str, Any]:
+        """A plateau breakthrough from its running lookahead segment on (a restarted controller re-attaches here)."""
+        self._wait(iv, lookahead_id, plan.guide_step)
+        return self._guided_replay(iv, plan, self._save_checkpoint(iv), end, "npo_replay")
+
+    def _guided_replay(self, iv: str, plan: Any, path: str, end: int | None, label: str) -> dict[str, Any]:
+        """Guides of plan.guide_step from the checkpoint at `path`, roll back, replay with NPO, continue the main."""
         found = self._guides(iv, plan.guide_step, path, plan.replay_range())
         self._rollback_to(iv, plan.rollback_step)
-        self._run(iv, plan.rollback_step, plan.replay_steps, "npo", guide_step=plan.guide_step, label="npo_replay")
-        return {"guides": found, "main_line": self._continue_main(iv, end)}
+        replay = self._start(iv, plan.rollback_step, plan.replay_steps, "npo", guide_step=plan.guide_step, label=label)
+        return self._replay_rest(iv, replay, plan.rollback_step + plan.replay_steps, end, {"guides": found})
+
+    def _replay_rest(self, iv: str, replay_id: str, end_step: int, end: int | None, outcome: dict) -> dict[str, Any]:
+        """Wait for the NPO replay, continue the main line (a restarted controller re-attaches here)."""
+        self._wait(iv, replay_id, end_step)
+        return {**outcome, "main_line": self._continue_main(iv, end)}
 
     def _rollback(self, iv: str, step: int) -> dict[str, Any]:
         _, end = self._pause(iv)
@@ -481,12 +627,12 @@ class Controller:
             {"guide_step": t, "guides": len(result.guides)},
             lambda: self.cache.put_guides(self.run, t, result.guides),
         )
-        self._rollback_to(iv, t - decision.delta)
-        self._run(iv, t - decision.delta, decision.delta, "npo", guide_step=t, label="autonpo_replay")
         with self._lock:
-            self._save_autonpo()
+            self._save_autonpo()  # the cool-down the probe set survives a restart during the replay
+        self._rollback_to(iv, t - decision.delta)
+        replay = self._start(iv, t - decision.delta, decision.delta, "npo", guide_step=t, label="autonpo_replay")
         outcome = {"intervened": True, "delta": decision.delta, "guides": len(result.guides), **probed}
-        return {**outcome, "main_line": self._continue_main(iv, end)}
+        return self._replay_rest(iv, replay, t, end, outcome)
 
     def _autonpo_done(self, iv: str, end: int | None, outcome: dict[str, Any]) -> dict[str, Any]:
         """An AutoNPO intervention that did not intervene: save the state, continue the main line."""

@@ -8,6 +8,8 @@ Metrics come from the Prometheus server at `prometheus.url` of the run config wh
 a direct scrape of `--metrics-url` (the learner's /metrics). Intervention records and the controller's state live in
 `--state`/controller.db (SQLite), so a restart continues with its history. The API token comes from NPO_API_TOKEN
 or --token-file; without one the mutating routes answer 503. Prints `serving on HOST:PORT` once the API listens.
+A controller started while the learner is down waits up to LEARNER_WAIT_S for it; the API's port is taken even
+when the old socket of a killed controller lingers (SO_REUSEADDR), so `npo restart` gets the same address.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from pathlib import Path
 from npo.core.config import ConfigError
 
 log = logging.getLogger(__name__)
+
+LEARNER_WAIT_S = 120.0
+"""How long a starting controller waits for the learner to answer (it may be restarting too)."""
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -57,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from npo.core.config import Method
         from npo.runtime.run_config import load_run_config
         from services.controller.api import create_app, load_token, serve_api
-        from services.controller.engine import Controller
+        from services.controller.engine import Controller, wait_for_learner
         from services.controller.records import InterventionRecords
         from services.grpc_common import wait_for_shutdown
         from services.guidance_cache.client import GuidanceCacheClient
@@ -76,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             learner = stack.enter_context(LearnerClient(args.learner))
             rollout = stack.enter_context(RolloutClient([a for a in args.rollout.split(",") if a]))
             cache = stack.enter_context(GuidanceCacheClient(args.cache))
-            run = learner.status().run
+            run = wait_for_learner(learner, LEARNER_WAIT_S).run
             controller = Controller(
                 cfg,
                 learner=learner,

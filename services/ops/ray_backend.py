@@ -4,8 +4,10 @@ Each role is one Ray actor (`RoleProcess`) that starts the role's service proces
 and reports its address (that node's IP, or `host` when given). Placement: the rollout replicas go into one
 placement group, one bundle per replica (`{"CPU": cpus, "GPU": gpus_per_replica}`, strategy SPREAD by default so
 replicas land on different nodes when they can); the learner asks for `learner_gpus`; the guidance cache and the
-controller ask for a fraction of a CPU and land anywhere. Actors are detached and named in the namespace
-`npo-<run>` when `detached` (what `npo up --ray` does, so the roles outlive the command; `npo down` kills them),
+controller ask for a fraction of a CPU and land anywhere. Ports are chosen by each service on its node (port 0) and
+read back from its `serving on` line; the embedded Redis of the cache keeps its append-only file in the run folder
+(RUN/cache-data). `npo restart` is for local runs only. Actors are detached and named in the namespace `npo-<run>`
+when `detached` (what `npo up --ray` does, so the roles outlive the command; `npo down` kills them),
 or tied to the calling driver (tests).
 
 The run folder must be on storage every node sees at the same path (checkpoints and published weights are read
@@ -101,8 +103,9 @@ def up_ray(
         handles["placement_group"] = pg
         ray.get(pg.ready(), timeout=timeout_s)
         actors = handles["actors"]
+        cache_argv = launcher.cache_args(cfg, bind, 0, run_dir.resolve() / launcher.CACHE_DATA)
         actors["guidance_cache"] = actor("guidance_cache").remote(
-            "guidance_cache", "services.guidance_cache", launcher.cache_args(cfg, bind), logs, host
+            "guidance_cache", "services.guidance_cache", cache_argv, logs, host
         )
         for i in range(replicas):
             placement = PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i)

@@ -1,5 +1,10 @@
 """The run-state files of `npo up` in a run folder: services.json (what was started) and api-token (the
-controller's token), and the addresses other commands resolve from them (`npo train --connect`, `npo status`)."""
+controller's token), and the addresses other commands resolve from them (`npo train --connect`, `npo status`).
+
+services.json holds each service's pid, address, log and command line, and `ports` (name -> port, the learner's
+/metrics as `learner-metrics`) as `npo up` chose them once: a service restarted with `npo restart` keeps its address,
+so what was resolved from this file stays valid; `replace_service` records the new pid.
+"""
 
 from __future__ import annotations
 
@@ -24,11 +29,11 @@ class Started:
     """One process started by `npo up`."""
 
     name: str
-    """guidance_cache | rollout-<i> | learner"""
+    """guidance_cache | rollout-<i> | learner | prometheus | controller"""
     pid: int
     """Its process id (the leader of its own process group)."""
     address: str
-    """host:port it serves gRPC on."""
+    """host:port it serves on (gRPC; HTTP for the controller and Prometheus), fixed by `npo up`."""
     log: str
     """Its log file (stdout and stderr)."""
     metrics_url: str = ""
