@@ -153,7 +153,8 @@ def test_every_docs_path_named_in_the_code_exists():
 
 def long_functions(limit: int) -> list[str]:
     found = []
-    for path in project_files() + sorted((REPO / "bench").glob("*.py")) + sorted((REPO / "scripts").glob("*.py")):
+    scripts = sorted((REPO / "bench").glob("*.py")) + sorted((REPO / "scripts").glob("*.py"))
+    for path in project_files() + scripts + sorted((REPO / "tests").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 length = node.end_lineno - node.lineno + 1

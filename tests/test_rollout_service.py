@@ -472,10 +472,13 @@ def sampling(**fields) -> common_pb2.SamplingParams:
 
 
 def bad_requests(problem_id: str, tmp: Path) -> list:
+    """(method, request, status, message) of every bad request the tests send."""
+    return bad_generate_requests(problem_id) + bad_score_and_load_requests(tmp)
+
+
+def bad_generate_requests(problem_id: str) -> list:
     prompt = pb.Prompt(prompt_id=problem_id, token_ids=[1, 5, 6])
-    missing = str(tmp / "no-such-folder")
-    generate, score, load = "Generate", "Score", "LoadPolicy"
-    invalid, not_found = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
+    generate, invalid = "Generate", grpc.StatusCode.INVALID_ARGUMENT
     return [
         (generate, pb.GenerateRequest(prompts=[], n=1, sampling=sampling()), invalid, "prompts: need at least one"),
         (
@@ -523,6 +526,14 @@ def bad_requests(problem_id: str, tmp: Path) -> list:
             invalid,
             "prompts[0].answer: '-1' differs",
         ),
+    ]
+
+
+def bad_score_and_load_requests(tmp: Path) -> list:
+    missing = str(tmp / "no-such-folder")
+    score, load = "Score", "LoadPolicy"
+    invalid, not_found = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
+    return [
         (score, pb.ScoreRequest(sequences=[pb.ScoredSequence(response_ids=[5])]), invalid, "sequences[0].prompt_ids"),
         (
             score,
