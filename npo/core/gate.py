@@ -19,6 +19,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from npo.core.config import GateMode, GuideSelect
 from npo.core.types import Sample
 
 RolloutScorer = Callable[[list[Sample]], list[list[float]]]
@@ -63,6 +64,35 @@ def first_correct(groups: Sequence[Sequence[Sample]], correct_threshold: float) 
         s.reward >= correct_threshold for s in g)]  # fmt: skip
 
 
+def _mean_logprob(sample: Sample) -> float:
+    return sum(sample.logprobs) / len(sample.logprobs) if sample.logprobs else -math.inf
+
+
+def select_guides(
+    groups: Sequence[Sequence[Sample]], correct_threshold: float, rule: GuideSelect | str = GuideSelect.FIRST
+) -> list[Sample]:
+    """One guide per group that has a correct sample (reward >= correct_threshold), in group order:
+
+        first     the first correct sample in sampling order
+        shortest  argmin |o_i| over the correct samples
+        likely    argmax (1/|o_i|) sum_t log q(o_it) over the correct samples, q the policy that sampled them
+
+    Ties go to the earliest sample. With rule first this is first_correct."""
+    rule = GuideSelect(rule)
+    chosen: list[Sample] = []
+    for group in groups:
+        correct = [s for s in group if s.reward >= correct_threshold]
+        if not correct:
+            continue
+        if rule is GuideSelect.SHORTEST:
+            chosen.append(min(correct, key=lambda s: len(s.response_ids)))  # min keeps the first of ties
+        elif rule is GuideSelect.LIKELY:
+            chosen.append(max(correct, key=lambda s: (_mean_logprob(s), -correct.index(s))))
+        else:
+            chosen.append(correct[0])
+    return chosen
+
+
 def check_tau_gate(tau_gate: float, key: str = "tau_gate", error: type[ValueError] = ValueError) -> float:
     """The gate threshold's range, 0 <= tau_gate <= 1 (NaN refused); raises `error` naming `key`."""
     if not 0.0 <= tau_gate <= 1.0:
@@ -70,9 +100,12 @@ def check_tau_gate(tau_gate: float, key: str = "tau_gate", error: type[ValueErro
     return tau_gate
 
 
-def should_replace(pass_rate: float, tau_gate: float) -> bool:
-    """The gate: replace slot n when p_hat <= tau_gate."""
-    return pass_rate <= check_tau_gate(tau_gate)
+def should_replace(pass_rate: float, tau_gate: float, mode: GateMode | str = GateMode.PASS_RATE) -> bool:
+    """The gate: replace slot n when p_hat <= tau_gate (mode pass_rate) or when p_hat = 0 (mode all_failed)."""
+    check_tau_gate(tau_gate)
+    if GateMode(mode) is GateMode.ALL_FAILED:
+        return pass_rate == 0.0
+    return pass_rate <= tau_gate
 
 
 def is_verified_guide(guide: Sample | None, prompt_id: str, correct_threshold: float) -> bool:
@@ -94,6 +127,7 @@ def build_mixed_groups(
     correct_threshold: float,
     is_correction: bool,
     rollout_logprobs: RolloutScorer | None = None,
+    gate_mode: GateMode | str = GateMode.PASS_RATE,
 ) -> list[MixedGroup]:
     """Apply the gate to every on-policy group and insert verified guides in slot n.
 
@@ -106,6 +140,7 @@ def build_mixed_groups(
         is_correction: behaviour log-probs of the guide slot from the guide policy (True) or from pi^(t) (False).
         rollout_logprobs: scorer giving pi^(t)'s log-probs of guide tokens; required when is_correction is False and
             a guide is inserted.
+        gate_mode: pass_rate (p_hat <= tau_gate) or all_failed (p_hat = 0); see should_replace.
     Returns:
         G MixedGroups in input order. Groups above the gate are returned unchanged.
     """
@@ -125,7 +160,7 @@ def build_mixed_groups(
                 raise ValueError(f"groups[{g}]: reward is NaN or infinite for prompt {prompt_id!r}")
         p_hat = group_pass_rate(group, correct_threshold)
         guide = guides.get(prompt_id)
-        replace = should_replace(p_hat, tau_gate) and is_verified_guide(guide, prompt_id, correct_threshold)
+        replace = should_replace(p_hat, tau_gate, gate_mode) and is_verified_guide(guide, prompt_id, correct_threshold)
         samples = list(group)
         is_guide = [False] * len(samples)
         behaviour = [list(s.logprobs) for s in samples]

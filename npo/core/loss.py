@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from npo.core.config import LossAggregation
+from npo.core.config import GuideShaping, LossAggregation
 
 
 def _check_same_shape(**tensors: torch.Tensor) -> tuple[int, ...]:
@@ -149,12 +149,18 @@ def policy_loss(
     entropy_coef: float = 0.0,
     ref_logprobs: torch.Tensor | None = None,
     kl_coef: float = 0.0,
+    guide_shaping: GuideShaping | str = GuideShaping.CLIP,
+    shaping_gamma: float = 0.1,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped surrogate over a batch of (possibly mixed) group slots.
 
         r_it   = exp(log pi_theta(o_it) - log q_i(o_it))
         l_it   = -min(r_it * A_i, clip(r_it, 1 - eps_low, 1 + eps_high) * A_i)
         L      = aggregate(l) - entropy_coef * aggregate(H) + kl_coef * aggregate(k3(pi_theta, pi_ref))
+
+    With guide_shaping luffy the guide slots' terms are instead (LUFFY's policy shaping, unclipped, q_i unused)
+
+        l_it   = -f(p_it) * A_i,   p_it = pi_theta(o_it),   f(p) = p / (p + gamma)
 
     Args:
         logprobs: (B, T) log pi_theta of the response tokens (with grad).
@@ -167,6 +173,8 @@ def policy_loss(
         max_len: constant normaliser of seq_mean_token_sum_norm.
         entropy: (B, T) per-token policy entropy, required when entropy_coef > 0.
         ref_logprobs: (B, T) reference policy log-probs, required when kl_coef > 0.
+        guide_shaping: clip (the surrogate above for every slot) or luffy (f(p) for the guide slots).
+        shaping_gamma: gamma of f (> 0).
     Returns:
         (loss scalar, metrics) with metrics: pg_loss, clip_frac, clip_frac_onpolicy, clip_frac_guide, guide_share
         (fraction of sequences that are guides), approx_kl (mean k3 of KL(q || pi_theta) over valid tokens),
@@ -180,11 +188,19 @@ def policy_loss(
     surr_unclipped = ratio * adv
     surr_clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv
     per_token = -torch.minimum(surr_unclipped, surr_clipped)  # (B, T)
+    shaped = is_guide.unsqueeze(-1) & valid if GuideShaping(guide_shaping) is GuideShaping.LUFFY else None  # (B, T)
+    if shaped is not None and shaped.any():
+        if not shaping_gamma > 0:
+            raise ValueError(f"shaping_gamma: must be > 0, got {shaping_gamma}")
+        p = torch.exp(torch.where(valid, logprobs, torch.zeros_like(logprobs)))  # (B, T) pi_theta(o_it)
+        per_token = torch.where(shaped, -(p / (p + shaping_gamma)) * adv, per_token)
     pg_loss = aggregate(per_token, valid, aggregation, max_len=max_len)
     loss = pg_loss
 
     with torch.no_grad():
         clipped = (surr_clipped < surr_unclipped) & valid  # the clipped branch is active: no gradient through r
+        if shaped is not None:
+            clipped = clipped & ~shaped  # shaped guide tokens are never clipped
         metrics = _ratio_metrics(valid, clipped, is_guide, ratio, behaviour_logprobs, logprobs)
 
     if entropy_coef > 0.0:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from npo.core.gate import first_correct
+from npo.core.gate import first_correct, select_guides
 from npo.core.seeds import derive_seed
 from npo.core.types import Problem, Sample
 from npo.runtime.run_config import MODEL_SOURCES, RunConfig
@@ -130,7 +130,7 @@ class ModelGuides(GuideSource):
             seed = derive_seed(cfg.seed, f"guide-model/{lo}", 0)
             prompts = [self.policy.encode_prompt(p) for p in part]
             gens = engine.generate(prompts, cfg.npo.guide_samples, cfg.rollout, seed=seed)
-            for sample in first_correct(self.verify(part, gens, -1), cfg.algo.correct_threshold):
+            for sample in select_guides(self.verify(part, gens, -1), cfg.algo.correct_threshold, cfg.algo.guide_select):
                 guides[sample.prompt_id] = sample
         event = {"kind": self.name, "event": "guides", "step": step, "model": str(folder)}
         self.record({**event, "prompts": len(self.problems), "guides": len(guides)})

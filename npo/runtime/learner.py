@@ -147,6 +147,8 @@ def micro_batch_loss(
         entropy_coef=algo.entropy_coef,
         ref_logprobs=ref,
         kl_coef=algo.kl_coef,
+        guide_shaping=algo.guide_shaping,
+        shaping_gamma=algo.shaping_gamma,
     )
     onpolicy = batch.response_mask.bool() & ~is_guide.unsqueeze(-1)  # (B, T - 1)
     return MicroBatchLoss(loss, metrics, float(entropy.detach()[onpolicy].sum()), int(onpolicy.sum()))

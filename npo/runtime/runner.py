@@ -39,7 +39,7 @@ import torch
 
 from npo.core.autonpo import AutoNPO
 from npo.core.config import Method
-from npo.core.gate import build_mixed_groups, first_correct, group_pass_rate
+from npo.core.gate import build_mixed_groups, group_pass_rate, select_guides, should_replace
 from npo.core.interventions import (
     InterventionPlan,
     autonpo_plan,
@@ -333,7 +333,8 @@ class Runner:
         gen_seconds = time.perf_counter() - started
         pass_rates = self._pass_rates(t, groups)
         tau_gate, is_correction = self.segment.gate(cfg.algo)
-        guides = self._step_guides(t, [p for p, r in pass_rates.items() if r <= tau_gate])
+        gated = [p for p, r in pass_rates.items() if should_replace(r, tau_gate, cfg.algo.gate_mode)]
+        guides = self._step_guides(t, gated)
         self.guide_source.observe(groups, cfg.algo.correct_threshold)
         mixed = build_mixed_groups(
             groups,
@@ -342,6 +343,7 @@ class Runner:
             correct_threshold=cfg.algo.correct_threshold,
             is_correction=is_correction,
             rollout_logprobs=lambda samples: self._score_now(prompt_ids, samples),
+            gate_mode=cfg.algo.gate_mode,
         )
         refused_before = getattr(self.learner, "nonfinite_skipped", 0)
         metrics = self.learner.train_step(mixed, prompt_ids)
@@ -393,7 +395,7 @@ class Runner:
             "reward_mean": float(np.mean([s.reward for s in onpolicy])),
             "pass_rate": float(np.mean(list(pass_rates.values()))),
             "zero_groups": sum(r == 0.0 for r in pass_rates.values()) / len(pass_rates),
-            "gated_groups": sum(r <= tau_gate for r in pass_rates.values()),
+            "gated_groups": sum(should_replace(r, tau_gate, self.cfg.algo.gate_mode) for r in pass_rates.values()),
             "response_len": float(np.mean([len(s.response_ids) for s in onpolicy])),
             "gen_seconds": gen_seconds,
             **metrics,
@@ -451,12 +453,12 @@ class Runner:
 
     def _make_guides(self, problems: list[Problem], guide_step: int) -> int:
         """Sample guide_samples responses per prompt with the current policy pi^(guide_step); cache the first
-        verified-correct one of each prompt. Returns the number of prompts with a guide."""
+        verified-correct one of each prompt (algo.guide_select picks which). Returns how many prompts got a guide."""
         cfg = self.cfg
         prompts = [self.policy.encode_prompt(p) for p in problems]
         seed = derive_seed(cfg.seed, "guides", guide_step)
         groups = self._sample(problems, prompts, cfg.npo.guide_samples, seed, guide_step)
-        guides = first_correct(groups, cfg.algo.correct_threshold)
+        guides = select_guides(groups, cfg.algo.correct_threshold, cfg.algo.guide_select)
         if guides:
             self.store.put_guides(self.run, guide_step, guides)
         return len(guides)

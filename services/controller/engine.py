@@ -52,7 +52,7 @@ from typing import Any
 
 from npo.core.autonpo import AutoNPO
 from npo.core.config import AutoNPOConfig, from_dict, to_dict
-from npo.core.gate import first_correct
+from npo.core.gate import select_guides
 from npo.core.interventions import early_bootstrap_plan, plateau_breakthrough_plan
 from npo.core.seeds import derive_seed
 from npo.core.types import Problem, Sample
@@ -521,7 +521,7 @@ class Controller:
         problems = list({p.prompt_id: p for s in replay for p in self.sampler.batch(s)}.values())
         self._load_policy(iv, guide_step, path)
         groups = self._sample(iv, problems, self.cfg.npo.guide_samples, "guides", guide_step)
-        guides = first_correct(groups, self.cfg.algo.correct_threshold)
+        guides = select_guides(groups, self.cfg.algo.correct_threshold, self.cfg.algo.guide_select)
         if guides:
             self._cmd(
                 iv,

@@ -247,10 +247,16 @@ def load_experiment(path: str | Path) -> Experiment:
 def _check_arm_config(exp: Experiment, arm: Arm) -> None:
     from npo.runtime.run_config import load_run_config
 
-    stand_in = {k: PLACEHOLDER.sub(lambda m: str(exp.base.parent) if m.group(1) else "0", str(v)) for k, v in
-                arm.set.items()}  # fmt: skip
+    def stand_in(key: str, value: Any) -> Any:  # a placeholder becomes a value that loads: a folder, 0, or tiny
+        if not isinstance(value, str) or not PLACEHOLDER.search(value):
+            return value
+        if key == "model.preset":
+            return "tiny"  # the model is built from the base config (the `models` section)
+        return PLACEHOLDER.sub(lambda m: str(exp.base.parent) if m.group(1) else "0", value)
+
+    checked = {k: stand_in(k, v) for k, v in {**exp.set, **arm.set}.items()}
     try:
-        cfg = load_run_config(exp.base, overrides_for(exp, {**arm.set, **stand_in}, threads=exp.threads))
+        cfg = load_run_config(exp.base, overrides_for(exp, checked, threads=exp.threads))
     except ConfigError as exc:
         raise ConfigError(f"arms.{arm.name}: {exc}") from None
     if cfg.train.steps < exp.horizon:
@@ -310,7 +316,7 @@ def train_command(exp: Experiment, arm: Arm, seed: int) -> list[str]:
     command = [sys.executable, "-m", "services.cli", "train", "--no-progress"]
     if (folder / "checkpoints").is_dir() and any((folder / "checkpoints").iterdir()):
         return [*command, "--resume", str(folder)]
-    arm_set = {k: resolve(exp, v, seed) for k, v in arm.set.items()}
+    arm_set = {k: resolve(exp, v, seed) for k, v in {**exp.set, **arm.set}.items()}  # the common set too
     overrides = overrides_for(exp, {**arm_set, "seed": seed, "run_name": f"{exp.name}-{arm.name}-seed{seed}"},
                               exp.threads)  # fmt: skip
     command += ["--config", str(exp.base), "--out", str(folder)]
@@ -320,7 +326,8 @@ def train_command(exp: Experiment, arm: Arm, seed: int) -> list[str]:
 
 
 def build_models(exp: Experiment, log) -> None:
-    """The `models` section: each built once into OUT/models/<name> (skipped when present)."""
+    """The `models` section: each built once into OUT/models/<name> (skipped when present), from the base config,
+    the experiment's common `set` (but its placeholders) and the model's own `set`."""
     from npo.runtime.models import save_policy
     from npo.runtime.run_config import load_run_config
     from services.wiring import build_policy_and_task
@@ -331,8 +338,9 @@ def build_models(exp: Experiment, log) -> None:
             continue
         log(f"building model {spec.name} ({spec.set})")
         started = time.perf_counter()
-        overrides = overrides_for(exp, {**spec.set, "seed": spec.seed}, threads=max(exp.threads * exp.workers, 1))
-        cfg = load_run_config(exp.base, overrides)
+        common = {k: v for k, v in exp.set.items() if not PLACEHOLDER.search(str(v))}  # e.g. not its own folder
+        merged = {**common, **spec.set, "seed": spec.seed, "train.threads": max(exp.threads * exp.workers, 1)}
+        cfg = load_run_config(exp.base, [f"{k}={_value(v)}" for k, v in merged.items()])
         import torch
 
         torch.set_num_threads(cfg.train.threads)
