@@ -9,6 +9,7 @@ import torch
 
 from npo.core.config import AlgoConfig, ConfigError, GateMode, GuideSelect, GuideShaping
 from npo.core.gate import build_mixed_groups, first_correct, select_guides, should_replace
+from npo.core.interventions import repeated_plateau_plans
 from npo.core.loss import policy_loss
 from npo.core.types import Sample
 from npo.runtime.run_config import load_run_config
@@ -95,7 +96,7 @@ def test_luffy_shaping_by_hand():
 
 def test_clip_shaping_is_the_paper_surrogate():
     logprobs, behaviour, adv, mask, is_guide = _two_rows(math.log(0.3))
-    clip, _ = policy_loss(logprobs, behaviour, adv, mask, is_guide=is_guide)
+    clip, _ = policy_loss(logprobs.detach(), behaviour, adv, mask, is_guide=is_guide)
     same, _ = policy_loss(logprobs, behaviour, adv, mask, is_guide=is_guide, guide_shaping=GuideShaping.CLIP)
     # guide: r = 0.3 / e^-3 = 6.03 > 1.28, A > 0 -> clipped: -1.28 * 2 ; on-policy 1 ; mean = (1 - 2.56) / 2
     assert float(clip) == pytest.approx((1 - 2.56) / 2, abs=1e-12) and float(same) == float(clip)
@@ -107,6 +108,23 @@ def test_luffy_without_guides_equals_grpo():
     a, _ = policy_loss(logprobs, behaviour, adv, mask, is_guide=none)
     b, _ = policy_loss(logprobs, behaviour, adv, mask, is_guide=none, guide_shaping="luffy")
     assert float(a) == float(b)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The Delta schedule of repeated late interventions
+
+
+def test_repeated_plateau_plans_by_hand():
+    # t_k = 60 + 30 k, Delta_k = round(10 * 2^k): (60, 10), (90, 20); (120, 40) would end at 160 > 150
+    plans = repeated_plateau_plans(60, 10, None, 30, 2.0, 150)
+    assert [(p.rollback_step, p.delta, p.replay_steps) for p in plans] == [(60, 10, 10), (90, 20, 20)]
+    assert [(p.scout_from, p.guide_step) for p in plans] == [(60, 70), (90, 110)]
+    # every = 0: the single plan of the paper; growth 1 and a fixed replay: (10, 5, 8), (20, 5, 8), (30, 5, 8)
+    assert len(repeated_plateau_plans(10, 5, None, 0, 1.0, 1000)) == 1
+    fixed = repeated_plateau_plans(10, 5, 8, 10, 1.0, 40)
+    assert [(p.rollback_step, p.delta, p.replay_steps) for p in fixed] == [(10, 5, 8), (20, 5, 8), (30, 5, 8)]
+    with pytest.raises(ValueError, match="before plan 0 ends"):
+        repeated_plateau_plans(10, 5, 12, 10, 1.0, 100)  # replay 12 > every 10
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -126,8 +144,18 @@ def test_defaults_are_the_papers():
         ("algo.guide_select=longest", "algo.guide_select"),
         ("algo.shaping_gamma=0", "algo.shaping_gamma"),
         ("algo.shaping_gamma=-1", "algo.shaping_gamma"),
+        ("npo.early.repeat_every=5", "npo.early.repeat_every"),
+        ("npo.late.delta_growth=0", "npo.late.delta_growth"),
+        ("npo.late.repeat_every=-1", "npo.late.repeat_every"),
     ],
 )
 def test_bad_option_is_a_config_error_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key):
         load_run_config(None, overrides=[override]).validate()
+
+
+def test_overlapping_repeats_are_a_config_error():
+    overrides = ["method=npo", "npo.early.enabled=false", "npo.late.enabled=true", "npo.late.at_step=10"]
+    overrides += ["npo.late.delta=20", "npo.late.repeat_every=10", "train.steps=100"]
+    with pytest.raises(ConfigError, match="npo.late.repeat_every: .*before plan 0 ends"):
+        load_run_config(None, overrides=overrides).validate()

@@ -260,6 +260,27 @@ def test_npo_early_and_late_interventions(tmp_path, model_cache):
     assert rows(runner)[-1]["optimizer_steps"] == 11  # 7 main-line steps + two scouts of 2
 
 
+def test_repeated_late_interventions_follow_the_delta_schedule(tmp_path, model_cache):
+    # late at 2, every 4 steps, Delta doubling: plans (t, Delta) = (2, 1), (6, 2); (10, 4) would end at 14 > 11
+    runner = make(
+        tmp_path,
+        model_cache,
+        "method=npo",
+        "train.steps=11",
+        "eval.every=0",
+        "npo.early.enabled=false",
+        "npo.late.enabled=true",
+        "npo.late.at_step=2",
+        "npo.late.delta=1",
+        "npo.late.repeat_every=4",
+        "npo.late.delta_growth=2",
+    )
+    runner.train()
+    rollbacks = [(e["step"], e["to_step"]) for e in events(runner) if e["event"] == "rollback"]
+    assert rollbacks == [(3, 2), (8, 6)]  # guide steps 3 = 2 + 1 and 8 = 6 + 2
+    assert rows(runner)[-1]["optimizer_steps"] == 11 + 1 + 2  # main line + the two scouts
+
+
 def test_probe_reads_samples_scores_and_decides_through_its_ports():
     """npo.runtime.probe with fake ports: the ports' calls, K_hat per Delta, Delta* and the guides named."""
     from npo.core.autonpo import AutoNPO, mean_token_kl

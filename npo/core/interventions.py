@@ -97,6 +97,33 @@ def plateau_breakthrough_plan(plateau_step: int, delta: int, replay_steps: int |
     )
 
 
+def repeated_plateau_plans(
+    first_step: int, delta: int, replay_steps: int | None, every: int, growth: float, last_step: int
+) -> list[InterventionPlan]:
+    """Plateau breakthroughs repeated every `every` steps, Delta growing geometrically (the Delta schedule):
+
+        t_k = first_step + k * every,   Delta_k = max(1, round(delta * growth^k)),   replay_k = replay_steps or Delta_k
+
+    for k = 0, 1, ... while t_k + max(Delta_k, replay_k) <= last_step (the first plan is always kept); every = 0
+    gives the single plan at first_step. Raises ValueError when a plan would start before the previous one ends
+    (t_k + max(Delta_k, replay_k) > t_(k+1))."""
+    _check("every", every, 0)
+    if not growth > 0:
+        raise ValueError(f"growth: must be > 0, got {growth}")
+    plans = [plateau_breakthrough_plan(first_step, delta, replay_steps)]
+    while every > 0:
+        k = len(plans)
+        d = max(1, round(delta * growth**k))
+        start, prev = first_step + k * every, plans[-1]
+        prev_end = prev.rollback_step + max(prev.delta, prev.replay_steps)
+        if start + max(d, replay_steps or d) > last_step:
+            break
+        if prev_end > start:
+            raise ValueError(f"every: plan {k} starts at step {start}, before plan {k - 1} ends (step {prev_end})")
+        plans.append(plateau_breakthrough_plan(start, d, replay_steps))
+    return plans
+
+
 def autonpo_plan(trigger_step: int, delta: int, replay_steps: int | None = None) -> InterventionPlan:
     """AutoNPO's execution: guide pi^(t) (exists), roll back to t - Delta*, replay Delta* steps with NPO."""
     _check("delta", delta, 1)

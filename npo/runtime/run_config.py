@@ -37,6 +37,7 @@ from npo.core.config import (
     load_yaml,
     to_dict,
 )
+from npo.core.interventions import InterventionPlan, repeated_plateau_plans
 from npo.runtime.tasks import TaskConfig
 
 
@@ -141,6 +142,12 @@ class InterventionConfig:
     """Delta: scout length; the guide is pi^(at_step + delta)."""
     replay_steps: int = 0
     """NPO segment length after the rollback (0 = delta)."""
+    repeat_every: int = 0
+    """Late intervention only: repeat it every this many steps after at_step while it fits in train.steps (0 = once;
+    the paper runs it once). Each repeat must start after the previous replay ends."""
+    delta_growth: float = 1.0
+    """Late intervention only: the k-th repeat uses Delta_k = round(delta * delta_growth^k) (1 = the same Delta; the
+    Delta schedule of repeated interventions, see npo.core.interventions.repeated_plateau_plans)."""
 
 
 @dataclass
@@ -221,6 +228,26 @@ class RunConfig:
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     """The controller service."""
 
+    def late_plans(self) -> list[InterventionPlan]:
+        """method npo's late intervention(s): one plan, or its repeats (npo.late.repeat_every, delta_growth)."""
+        late = self.npo.late
+        return repeated_plateau_plans(
+            late.at_step, late.delta, late.replay_steps or None, late.repeat_every, late.delta_growth, self.train.steps
+        )
+
+    def _validate_repeats(self) -> None:
+        if self.npo.early.repeat_every or self.npo.early.delta_growth != 1.0:
+            raise ConfigError("npo.early.repeat_every: only the late intervention repeats (delta_growth likewise)")
+        late = self.npo.late
+        _check_range("npo.late.repeat_every", late.repeat_every, 0)
+        if not late.delta_growth > 0:
+            raise ConfigError(f"npo.late.delta_growth: must be > 0, got {late.delta_growth}")
+        if self.method is Method.NPO and late.enabled:
+            try:
+                self.late_plans()
+            except ValueError as exc:
+                raise ConfigError(f"npo.late.repeat_every: {exc}") from None
+
     def validate(self) -> None:
         t = self.train
         _check_range("train.steps", t.steps, 1)
@@ -260,6 +287,7 @@ class RunConfig:
             _check_range(f"npo.{name}.replay_steps", iv.replay_steps, 0)
             if iv.enabled and self.method is Method.NPO and iv.at_step + iv.delta > t.steps:
                 raise ConfigError(f"npo.{name}: at_step + delta ({iv.at_step + iv.delta}) exceeds train.steps")
+        self._validate_repeats()
         early, late = self.npo.early, self.npo.late
         if self.method is Method.NPO and early.enabled and late.enabled:
             early_end = early.at_step + max(early.delta, early.replay_steps or early.delta)

@@ -44,7 +44,6 @@ from npo.core.interventions import (
     InterventionPlan,
     autonpo_plan,
     early_bootstrap_plan,
-    plateau_breakthrough_plan,
 )
 from npo.core.seeds import derive_seed
 from npo.core.types import Problem, Sample
@@ -220,11 +219,12 @@ class Runner:
             encode=policy.encode_prompt,
         )
         if cfg.method is Method.NPO:
-            for name, make in (("early", early_bootstrap_plan), ("late", plateau_breakthrough_plan)):
-                iv = getattr(cfg.npo, name)
-                if iv.enabled:
-                    plan = make(iv.at_step, iv.delta, iv.replay_steps or None)
-                    self.plans.append({"plan": plan, "phase": "pending"})
+            early = cfg.npo.early
+            if early.enabled:
+                plan = early_bootstrap_plan(early.at_step, early.delta, early.replay_steps or None)
+                self.plans.append({"plan": plan, "phase": "pending"})
+            if cfg.npo.late.enabled:
+                self.plans += [{"plan": plan, "phase": "pending"} for plan in cfg.late_plans()]
 
     # ------------------------------------------------------------------------------------------------------------
     # Public entry points.
