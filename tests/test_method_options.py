@@ -97,7 +97,7 @@ def test_luffy_shaping_by_hand():
 def test_clip_shaping_is_the_paper_surrogate():
     logprobs, behaviour, adv, mask, is_guide = _two_rows(math.log(0.3))
     clip, _ = policy_loss(logprobs.detach(), behaviour, adv, mask, is_guide=is_guide)
-    same, _ = policy_loss(logprobs, behaviour, adv, mask, is_guide=is_guide, guide_shaping=GuideShaping.CLIP)
+    same, _ = policy_loss(logprobs.detach(), behaviour, adv, mask, is_guide=is_guide, guide_shaping=GuideShaping.CLIP)
     # guide: r = 0.3 / e^-3 = 6.03 > 1.28, A > 0 -> clipped: -1.28 * 2 ; on-policy 1 ; mean = (1 - 2.56) / 2
     assert float(clip) == pytest.approx((1 - 2.56) / 2, abs=1e-12) and float(same) == float(clip)
 
