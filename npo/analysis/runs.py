@@ -1,8 +1,12 @@
 """Run folders: read one as written by npo.runtime.runner, and the run-level summary numbers.
 
 A run folder holds `metrics.jsonl` (one row per training step, plus a last row with `segment: "final"`),
-`interventions.jsonl` and `config.yaml`. After a rollback the runner writes the replayed steps again, so the file
-holds superseded rows (a scout's steps 0..19 followed by the replay's steps 0..19):
+`interventions.jsonl` and `config.yaml`; usually also `metrics.csv`, the same rows as a flat table
+(npo.runtime.logsinks). metrics.jsonl is read when present; a folder with only metrics.csv, or the path of a
+metrics file itself (.jsonl or .csv), loads too.
+
+After a rollback the runner writes the replayed steps again, so the file holds superseded rows (a scout's steps
+0..19 followed by the replay's steps 0..19):
 
 - the **main line** is the run's history as it stands: reading the rows in order, a row for step t drops every
   earlier row for steps >= t (it follows a rollback to t). For a run that finished this is exactly "the last row
@@ -29,6 +33,8 @@ from typing import Any
 
 import numpy as np
 import yaml
+
+from npo.runtime.logsinks import METRICS_CSV, read_metrics_csv
 
 FINAL = "final"
 """`segment` of the last metrics row (evaluation of the final policy, no training)."""
@@ -171,13 +177,26 @@ def eval_points(rows: Sequence[dict[str, Any]], main: Sequence[dict[str, Any]]) 
     return points
 
 
+def metrics_file(path: str | Path) -> Path:
+    """The metrics file of a run: `path` itself when it is a .jsonl or .csv file, else the folder's metrics.jsonl,
+    else its metrics.csv. Raises FileNotFoundError when there is none."""
+    path = Path(path)
+    if path.is_file() and path.suffix in (".jsonl", ".csv"):
+        return path
+    for name in ("metrics.jsonl", METRICS_CSV):
+        if (path / name).is_file():
+            return path / name
+    raise FileNotFoundError(
+        f"folder: {path} has no metrics.jsonl or metrics.csv (is it a run folder written by `npo train`?)"
+    )
+
+
 def load_run(folder: str | Path) -> RunData:
-    """Parse a run folder. Raises FileNotFoundError when it has no metrics.jsonl, ValueError for a bad row."""
-    folder = Path(folder)
-    metrics = folder / "metrics.jsonl"
-    if not metrics.is_file():
-        raise FileNotFoundError(f"folder: {folder} has no metrics.jsonl (is it a run folder written by `npo train`?)")
-    rows = read_jsonl(metrics)
+    """Parse a run folder, or a run's metrics.jsonl / metrics.csv path (the folder is then the file's parent).
+    Raises FileNotFoundError when there are no metrics (see metrics_file), ValueError for a bad row."""
+    metrics = metrics_file(folder)
+    folder = metrics.parent if Path(folder).is_file() else Path(folder)
+    rows = read_metrics_csv(metrics) if metrics.suffix == ".csv" else read_jsonl(metrics)
     for index, row in enumerate(rows, start=1):
         if not isinstance(row.get("step"), int):
             raise ValueError(f"{metrics}: row {index} has no integer 'step'")

@@ -134,6 +134,16 @@ def _ratio_metrics(
     }
 
 
+def luffy_terms(logprobs: torch.Tensor, adv: torch.Tensor, valid: torch.Tensor, gamma: float) -> torch.Tensor:
+    """LUFFY's policy-shaped terms -f(p_it) * A_i, f(p) = p / (p + gamma), p = pi_theta(o_it) (no ratio, no clip).
+
+    logprobs, valid: (B, T); adv: (B, 1). Returns (B, T) (padding entries are finite and masked by the caller)."""
+    if not gamma > 0:
+        raise ValueError(f"shaping_gamma: must be > 0, got {gamma}")
+    p = torch.exp(torch.where(valid, logprobs, torch.zeros_like(logprobs)))  # (B, T)
+    return -(p / (p + gamma)) * adv
+
+
 def policy_loss(
     logprobs: torch.Tensor,
     behaviour_logprobs: torch.Tensor,
@@ -158,9 +168,7 @@ def policy_loss(
         l_it   = -min(r_it * A_i, clip(r_it, 1 - eps_low, 1 + eps_high) * A_i)
         L      = aggregate(l) - entropy_coef * aggregate(H) + kl_coef * aggregate(k3(pi_theta, pi_ref))
 
-    With guide_shaping luffy the guide slots' terms are instead (LUFFY's policy shaping, unclipped, q_i unused)
-
-        l_it   = -f(p_it) * A_i,   p_it = pi_theta(o_it),   f(p) = p / (p + gamma)
+    guide_shaping luffy: guide slots' l_it = -f(p_it) A_i instead, p = pi_theta(o_it), f(p) = p / (p + gamma).
 
     Args:
         logprobs: (B, T) log pi_theta of the response tokens (with grad).
@@ -173,8 +181,7 @@ def policy_loss(
         max_len: constant normaliser of seq_mean_token_sum_norm.
         entropy: (B, T) per-token policy entropy, required when entropy_coef > 0.
         ref_logprobs: (B, T) reference policy log-probs, required when kl_coef > 0.
-        guide_shaping: clip (the surrogate above for every slot) or luffy (f(p) for the guide slots).
-        shaping_gamma: gamma of f (> 0).
+        guide_shaping, shaping_gamma: clip (the surrogate for every slot) or luffy (f(p) for guides), gamma > 0.
     Returns:
         (loss scalar, metrics) with metrics: pg_loss, clip_frac, clip_frac_onpolicy, clip_frac_guide, guide_share
         (fraction of sequences that are guides), approx_kl (mean k3 of KL(q || pi_theta) over valid tokens),
@@ -189,18 +196,13 @@ def policy_loss(
     surr_clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv
     per_token = -torch.minimum(surr_unclipped, surr_clipped)  # (B, T)
     shaped = is_guide.unsqueeze(-1) & valid if GuideShaping(guide_shaping) is GuideShaping.LUFFY else None  # (B, T)
-    if shaped is not None and shaped.any():
-        if not shaping_gamma > 0:
-            raise ValueError(f"shaping_gamma: must be > 0, got {shaping_gamma}")
-        p = torch.exp(torch.where(valid, logprobs, torch.zeros_like(logprobs)))  # (B, T) pi_theta(o_it)
-        per_token = torch.where(shaped, -(p / (p + shaping_gamma)) * adv, per_token)
+    if shaped is not None:
+        per_token = torch.where(shaped, luffy_terms(logprobs, adv, valid, shaping_gamma), per_token)
     pg_loss = aggregate(per_token, valid, aggregation, max_len=max_len)
     loss = pg_loss
 
     with torch.no_grad():
-        clipped = (surr_clipped < surr_unclipped) & valid  # the clipped branch is active: no gradient through r
-        if shaped is not None:
-            clipped = clipped & ~shaped  # shaped guide tokens are never clipped
+        clipped = (surr_clipped < surr_unclipped) & valid & (True if shaped is None else ~shaped)  # shaped: never
         metrics = _ratio_metrics(valid, clipped, is_guide, ratio, behaviour_logprobs, logprobs)
 
     if entropy_coef > 0.0:

@@ -38,6 +38,7 @@ from npo.core.config import (
     to_dict,
 )
 from npo.core.interventions import InterventionPlan, repeated_plateau_plans
+from npo.runtime.logsinks import LoggingConfig
 from npo.runtime.tasks import TaskConfig
 
 
@@ -227,6 +228,8 @@ class RunConfig:
     """Prometheus server the controller reads."""
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     """The controller service."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Where metrics rows go besides metrics.jsonl: TensorBoard, metrics.csv, Weights & Biases (offline by default)."""
 
     def late_plans(self) -> list[InterventionPlan]:
         """method npo's late intervention(s): one plan, or its repeats (npo.late.repeat_every, delta_growth)."""

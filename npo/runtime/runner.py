@@ -51,6 +51,7 @@ from npo.runtime.checkpoint import CheckpointManager, rng_state, set_rng_state
 from npo.runtime.engine import RolloutEngine, SamplingParams, TransformersEngine
 from npo.runtime.guides import NearFutureGuides, make_guide_source
 from npo.runtime.learner import TorchLearner, load_weights
+from npo.runtime.logsinks import Sinks, open_sinks, write_run_info
 from npo.runtime.probe import ProbePorts, run_probe, unguarded
 from npo.runtime.run_config import RunConfig, run_config_to_dict
 from npo.runtime.store import GuideStore, sample_from_json, sample_to_json
@@ -209,7 +210,8 @@ class Runner:
         self._scorer: torch.nn.Module | None = None
         self._last_reading = None
         self._pending_eval: dict[str, Any] = {}
-        self._tb = None
+        self._sinks: Sinks | None = None  # TensorBoard / metrics.csv / W&B (cfg.logging): _open_sinks
+        self._resumed = False
         self.guide_source = make_guide_source(cfg, policy, task.train, self._verify, self._record)
         self._near_future = NearFutureGuides(store, self.run, lambda: self.segment.guide_step)
         self._probe_ports = ProbePorts(
@@ -241,14 +243,15 @@ class Runner:
             torch.set_num_threads(self.cfg.train.threads)
         previous = self._install_sigint()
         try:
+            self._open_sinks()  # a logging error (e.g. W&B on but not installed) before the first step
             self.run_until(self.cfg.train.steps)
             self.finish()
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
-            if self._tb is not None:
-                self._tb.close()
-                self._tb = None
+            if self._sinks is not None:
+                self._sinks.close()
+                self._sinks = None
         return self.out
 
     def run_until(self, end_step: int) -> None:
@@ -628,6 +631,10 @@ class Runner:
             raise FileNotFoundError(f"--resume: no checkpoint in {self.ckpt.root}")
         self._apply_trainer(checkpoint)
         self._load_runner_state(checkpoint)
+        if self._sinks is not None:  # reopened on the next row: metrics.csv follows the truncated metrics.jsonl
+            self._sinks.close()
+            self._sinks = None
+        self._resumed = True
         return self.step
 
     def _load_runner_state(self, checkpoint) -> None:
@@ -674,13 +681,10 @@ class Runner:
     # Logging.
 
     def _write_row(self, row: dict[str, Any]) -> None:
+        sinks = self._open_sinks()  # before the append: opening rebuilds metrics.csv from metrics.jsonl
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
-        tb = self._tensorboard()
-        if tb is not None:
-            for key, value in row.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    tb.add_scalar(key, value, row["step"])
+        sinks.log(row, row["step"])
 
     def _wall_time(self) -> float:
         return self.wall_offset + time.perf_counter() - self._start
@@ -696,15 +700,14 @@ class Runner:
         if self.progress:
             self.log(f"[{self.run}] step {event['step']}: {event['kind']} {event['event']}")
 
-    def _tensorboard(self):
-        if self._tb is None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard is optional at run time
-                self._tb = False
-            else:
-                self._tb = SummaryWriter(str(self.out / "tensorboard"))
-        return self._tb or None
+    def _open_sinks(self) -> Sinks:
+        """The logging sinks (npo.runtime.logsinks), opened with run_info.json on the first call after a start or a
+        resume, once metrics.jsonl is emptied or truncated (metrics.csv is rebuilt from it)."""
+        if self._sinks is None:
+            info = write_run_info(self.out, resume=self._resumed)
+            config = run_config_to_dict(self.cfg)
+            self._sinks = open_sinks(self.cfg.logging, self.out, config, resume=self._resumed, run_info=info)
+        return self._sinks
 
     def _progress_bar(self):
         if not self.progress:
