@@ -335,3 +335,19 @@ def test_write_results_without_analysis_and_bad_baseline(grid, tmp_path):
     assert "(figs/entropy.png)" in text and not (tmp_path / "figs" / "s_analysis.png").exists()
     with pytest.raises(ValueError, match="baseline"):
         write_results(grid, SPEC | {"baseline": "nope"}, [], {}, tmp_path / "r.md", tmp_path / "figs")
+
+
+def test_paired_final_and_console_summary(grid, tmp_path):
+    from npo.analysis.results import compute_results, paired_final, summary_lines
+
+    res = compute_results(grid, SPEC, [])
+    # finals at T: grpo 0.40, 0.42; npo 0.60, 0.47 -> differences +0.20, +0.05: mean 0.125, s.e. 0.075
+    mean, se, positive, paired = paired_final(res, "npo")
+    assert (round(mean, 10), round(se, 10), positive, paired) == (0.125, 0.075, 2, 2)
+    assert paired_final(res, "late")[2:] == (0, 1)  # seed 1 missing; seed 0 equal to its twin
+    text = write_results(grid, SPEC, [], {}, tmp_path / "r.md", tmp_path / "figs")
+    assert ["npo", "53.5 ± 6.5", "+12.5 ± 7.5", "2/2", "+1.7"] in table_rows(text)
+    lines = summary_lines(res)
+    assert "at step 4, 2 seeds" in lines[0]
+    npo_line = next(line for line in lines if line.strip().startswith("NPO early "))
+    assert "paired vs grpo: +12.5 ± 7.5 (2/2 seeds > 0)" in npo_line and "rollbacks 0.5 ± 0.5" in npo_line

@@ -389,6 +389,62 @@ def seeds_section(res: Results) -> list[str]:
     return ["## Final accuracy at T per seed (points)", "", markdown_table(["seed", *res.arms], seed_rows), ""]
 
 
+def paired_final(res: Results, arm: str) -> tuple[float | None, float | None, int, int]:
+    """Final accuracy at T, arm minus its baseline twin per seed: (mean, s.e., seeds with a positive difference,
+    seeds paired). The s.e. is over seeds: with common random numbers it is the noise of the comparison itself."""
+    diffs = [
+        res.stats[arm]["final"][s] - res.stats[res.baseline]["final"][s]
+        for s in res.seeds
+        if res.stats[arm]["final"][s] is not None and res.stats[res.baseline]["final"][s] is not None
+    ]
+    mean, se = mean_se(diffs)
+    return mean, se, sum(d > 0 for d in diffs), len(diffs)
+
+
+def summary_lines(res: Results) -> list[str]:
+    """A few lines for the console: per arm its final at T (mean ± s.e.), the paired difference with its twin
+    and what it did (guide slots, rollbacks, probes)."""
+    lines = [f"final held-out accuracy at step {res.horizon}, {len(res.seeds)} seeds, points (mean ± s.e.):"]
+    for a in res.arms:
+        line = f"  {res.labels[a]:<28} {_pm(res.stats[a]['final'].values()):>12}"
+        if a != res.baseline:
+            mean, se, pos, n = paired_final(res, a)
+            diff = "n/a" if mean is None else f"{100 * mean:+.1f}" + ("" if se is None else f" ± {100 * se:.1f}")
+            line += f"   paired vs {res.baseline}: {diff} ({pos}/{n} seeds > 0)"
+            acts = res.activity[a]
+            did = ", ".join(f"{k.replace('_', ' ')} {_pm([x[k] for x in acts], scale=1.0)}" for k in ACTIVITY_KEYS[2:4])
+            line += f"; guide slots {_pm([x['guide_slots'] for x in acts], scale=1.0)}, {did}"
+        lines.append(line)
+    return lines
+
+
+def paired_final_section(res: Results) -> list[str]:
+    """The headline: final at T, paired by seed, with its uncertainty."""
+    rows = []
+    for a in res.others:
+        mean, se, pos, n = paired_final(res, a)
+        t = None if mean is None or not se else mean / se
+        rows.append(
+            [
+                a,
+                _pm(res.stats[a]["final"].values()),
+                _pm([mean]) if se is None else f"{100 * mean:+.1f} ± {100 * se:.1f}",
+                f"{pos}/{n}",
+                "n/a" if t is None else f"{t:+.1f}",
+            ]  # fmt: skip
+        )
+    header = ["arm", "final at T", f"paired difference vs {res.baseline}", "seeds > 0", "difference / s.e."]
+    return [
+        f"## Final accuracy at T = {res.horizon}, paired by seed (points; mean ± s.e. over seeds)",
+        "",
+        f"The baseline {res.baseline}: {_pm(res.stats[res.baseline]['final'].values())}. A difference beyond 2 s.e. "
+        "is beyond the noise of the comparison.",
+        "",
+        markdown_table(header, rows) if rows else "No arm besides the baseline.",
+        "",
+    ]
+
+
 def activity_section(res: Results) -> list[str]:
     """What each arm did (guide slots, rollbacks, probes, optimizer steps, samples) and the CRN check."""
     act_rows = []
@@ -533,6 +589,7 @@ def write_results(
         *header_section(res, meta),
         *runs_section(res),
         *summary_section(res),
+        *paired_final_section(res),
         *reach_section(res),
         *speed_section(res),
         *seeds_section(res),

@@ -244,17 +244,21 @@ def load_experiment(path: str | Path) -> Experiment:
     return exp
 
 
+def stand_in(exp: Experiment, key: str, value: Any) -> Any:
+    """A value that loads in place of a placeholder (to check a config before the runs exist): model.preset becomes
+    the tiny preset (the model is built from the base config), a {final:...} / {model:...} folder elsewhere the
+    base config's folder, {seed} 0."""
+    if not isinstance(value, str) or not PLACEHOLDER.search(value):
+        return value
+    if key == "model.preset":
+        return "tiny"
+    return PLACEHOLDER.sub(lambda m: str(exp.base.parent) if m.group(1) else "0", value)
+
+
 def _check_arm_config(exp: Experiment, arm: Arm) -> None:
     from npo.runtime.run_config import load_run_config
 
-    def stand_in(key: str, value: Any) -> Any:  # a placeholder becomes a value that loads: a folder, 0, or tiny
-        if not isinstance(value, str) or not PLACEHOLDER.search(value):
-            return value
-        if key == "model.preset":
-            return "tiny"  # the model is built from the base config (the `models` section)
-        return PLACEHOLDER.sub(lambda m: str(exp.base.parent) if m.group(1) else "0", value)
-
-    checked = {k: stand_in(k, v) for k, v in {**exp.set, **arm.set}.items()}
+    checked = {k: stand_in(exp, k, v) for k, v in {**exp.set, **arm.set}.items()}
     try:
         cfg = load_run_config(exp.base, overrides_for(exp, checked, threads=exp.threads))
     except ConfigError as exc:
@@ -476,8 +480,9 @@ def git_commit() -> str:
         return "unknown"
 
 
-def write_report(exp: Experiment, analysis: list[dict[str, Any]], meta: dict[str, Any]) -> Path:
-    from npo.analysis.results import write_results
+def write_report(exp: Experiment, analysis: list[dict[str, Any]], meta: dict[str, Any], log=print) -> Path:
+    """The report of the finished runs (exp.report, figures in exp.figures); logs the paired summary."""
+    from npo.analysis.results import compute_results, summary_lines, write_results
     from npo.analysis.runs import load_run
     from npo.runtime.run_config import load_run_config
 
@@ -488,7 +493,8 @@ def write_report(exp: Experiment, analysis: list[dict[str, Any]], meta: dict[str
             folder = run_dir(exp, arm.name, seed)
             if is_done(folder):
                 grid[arm.name][seed] = load_run(folder)
-    base = load_run_config(exp.base, overrides_for(exp, {}, exp.threads))
+    common = {k: stand_in(exp, k, v) for k, v in exp.set.items()}  # only sizes are read from it
+    base = load_run_config(exp.base, overrides_for(exp, common, exp.threads))
     spec = {
         "arms": [{"name": a.name, "label": a.label, "description": a.description} for a in exp.arms],
         "baseline": exp.baseline,
@@ -502,6 +508,8 @@ def write_report(exp: Experiment, analysis: list[dict[str, Any]], meta: dict[str
     }
     exp.report.parent.mkdir(parents=True, exist_ok=True)
     write_results(grid, spec, analysis, meta, exp.report, exp.figures)
+    for line in summary_lines(compute_results(grid, spec, analysis)):
+        log(line)
     return exp.report
 
 
@@ -533,7 +541,7 @@ def run_experiment(path: str | Path, *, report_only: bool = False, log=print) ->
         "versions": f"python {platform.python_version()}",
     }
     analysis = run_analysis(exp, log) if exp.analysis is not None and (exp.out / "analysis.json").is_file() else []
-    report = write_report(exp, analysis, meta)
+    report = write_report(exp, analysis, meta, log)
     log(f"report: {report}")
     return report
 
