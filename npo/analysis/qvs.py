@@ -48,7 +48,7 @@ from npo.runtime.models import ModelConfig, load_policy
 from npo.runtime.run_config import load_run_config
 from npo.runtime.runner import PolicyLike, TaskLike
 from npo.runtime.tasks import load_task
-from npo.runtime.verify import verify_groups
+from npo.runtime.verify import Rewards, verify_groups
 
 
 @dataclass
@@ -133,7 +133,7 @@ def signal_value(q: float | None, kl: float, mean_length: float) -> tuple[float,
 def draw(
     policy: PolicyLike,
     engine: TransformersEngine,
-    reward: Callable[[Problem, str], float],
+    reward: Rewards,
     problems: Sequence[Problem],
     samples: int,
     params: SamplingParams,
@@ -170,7 +170,7 @@ class Sampler:
     """What every draw of one analysis shares: the task's reward, the prompts, samples per prompt, sampling params,
     the analysis seed and the correct threshold."""
 
-    reward: Callable[[Problem, str], float]
+    reward: Rewards
     problems: list[Problem]
     samples: int
     params: SamplingParams
@@ -305,7 +305,7 @@ def analyze_run(
     if not pairs:
         raise ValueError(f"folder: {folder} has no checkpoints to analyse")
     problems = pick_prompts(task.train, num_prompts, seed)
-    sampler = Sampler(task.reward, problems, samples, params, seed, threshold)
+    sampler = Sampler(task.rewards, problems, samples, params, seed, threshold)
     future_draws, anchor_draws, kls = draw_checkpoints(ckpt, load_checkpoint or load_checkpoint_policy, pairs, sampler)
     rows = []
     for t, ds in pairs.items():
@@ -395,7 +395,7 @@ def analyze_sources(
     anchors = sorted({t for t in anchors if t in have})
     if not anchors:
         raise ValueError(f"anchors: none of them is a checkpoint of {folder} (checkpoints: {sorted(have)})")
-    sampler = Sampler(task.reward, pick_prompts(task.train, num_prompts, seed), samples, params, seed, threshold)
+    sampler = Sampler(task.rewards, pick_prompts(task.train, num_prompts, seed), samples, params, seed, threshold)
     plan = source_plan(anchors, deltas, have, models)
 
     def load(key: tuple[str, Any]) -> PolicyLike:

@@ -57,6 +57,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         ("guide slots used (main line)", fmt_cell(summary["guide_slots"])),
         ("guide slots used (all rows)", fmt_cell(summary["guide_slots_spent"])),
         ("superseded rows", fmt_cell(summary["superseded_rows"])),
+        ("reward errors (scored 0)", fmt_cell(summary.get("reward_errors"))),
+        ("bad data rows skipped", fmt_cell(summary.get("skipped_rows"))),
     ]
     return markdown_table(["field", "value"], rows)
 

@@ -290,4 +290,6 @@ def run_summary(run: RunData) -> dict[str, Any]:
         "guide_slots": guide_slots(run.train_rows),
         "guide_slots_spent": guide_slots(run.rows),
         "superseded_rows": len(run.superseded),
+        "reward_errors": run.last.get("reward_errors"),
+        "skipped_rows": run.last.get("skipped_rows"),
     }

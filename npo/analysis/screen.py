@@ -277,7 +277,7 @@ def measure_regime(
     if not pairs:
         raise ValueError(f"anchors: none of {list(anchors)} is a checkpoint of {folder} (checkpoints: {have})")
     load = load_checkpoint or load_checkpoint_policy
-    sampler = Sampler(task.reward, pick_prompts(task.train, prompts, seed), samples, params, seed, threshold)
+    sampler = Sampler(task.rewards, pick_prompts(task.train, prompts, seed), samples, params, seed, threshold)
     futures, anchor_draws, kls = draw_checkpoints(ckpt, load, pairs, sampler)
     draws = {"anchor": anchor_draws, "futures": futures, "kls": kls, "samples": samples}
     draws["extra"] = _draw_extra(ckpt, load, sampler, anchor_draws, futures, resample)

@@ -313,7 +313,7 @@ class Runner:
 
     def _verify(self, problems: Sequence[Problem], generations, policy_step: int) -> list[list[Sample]]:
         """verify_groups with the policy's tokenizer and the task's reward; counted in samples_total."""
-        groups = verify_groups(problems, generations, self._decode, self.task.reward, policy_step)
+        groups = verify_groups(problems, generations, self._decode, self.task.rewards, policy_step)
         self.samples_total += sum(len(g) for g in generations)
         return groups
 
@@ -404,6 +404,7 @@ class Runner:
             **metrics,
             "optimizer_steps": self.optimizer_steps,
             "samples_total": self.samples_total,
+            "reward_errors": self.task.reward_errors,  # responses a reward function failed on (scored 0), this process
         }
         row.update(self._pending_eval)
         self._pending_eval = {}
@@ -544,7 +545,7 @@ class Runner:
 
     def _accuracy(self, problems, gens) -> float:
         """Mean verified reward (not counted in samples_total: evaluation is not training compute)."""
-        groups = verify_groups(problems, gens, self._decode, self.task.reward, -1)
+        groups = verify_groups(problems, gens, self._decode, self.task.rewards, -1)
         scores = [s.reward for g in groups for s in g]
         return float(np.mean(scores)) if scores else 0.0
 
@@ -674,6 +675,7 @@ class Runner:
         }
         if self.cfg.eval.every > 0:
             row.update(self._evaluate(t))
+        row.update(reward_errors=self.task.reward_errors, skipped_rows=self.task.skipped_rows)
         row["wall_time"] = self._wall_time()
         self._write_row(row)
 

@@ -29,15 +29,37 @@ def verified_sample(
     )
 
 
+Rewards = Callable[[Sequence[Problem], Sequence[str]], list[float]]
+"""(problems, responses) -> one reward each, in one batch (Task.rewards: a TRL-style function sees the whole batch)."""
+
+
 def verify_groups(
     problems: Sequence[Problem],
     generations: Sequence[Sequence[Generation]],
     decode: Callable[[list[int]], str],
-    reward: Callable[[Problem, str], float],
+    rewards: Rewards,
     policy_step: int,
 ) -> list[list[Sample]]:
-    """verified_sample for every generation: one group of Samples per problem, in order."""
+    """The rule of verified_sample for every generation, the finished ones scored in one `rewards` call: one group
+    of Samples per problem, in order."""
+    if len(problems) != len(generations):
+        raise ValueError(f"generations: {len(generations)} groups for {len(problems)} problems")
+    texts = [[decode(g.token_ids) for g in gens] for gens in generations]
+    done = [(i, j) for i, gens in enumerate(generations) for j, g in enumerate(gens) if g.finished]
+    scores = rewards([problems[i] for i, _ in done], [texts[i][j] for i, j in done]) if done else []
+    value = dict(zip(done, map(float, scores), strict=True))
     return [
-        [verified_sample(problem.prompt_id, problem, g, decode, reward, policy_step) for g in gens]
-        for problem, gens in zip(problems, generations, strict=True)
+        [
+            Sample(
+                p.prompt_id,
+                list(g.token_ids),
+                list(g.logprobs),
+                value.get((i, j), 0.0),
+                texts[i][j],
+                policy_step,
+                g.finished,
+            )  # fmt: skip
+            for j, g in enumerate(gens)
+        ]
+        for i, (p, gens) in enumerate(zip(problems, generations))
     ]

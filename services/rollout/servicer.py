@@ -61,7 +61,7 @@ from npo.core.types import Problem, Sample
 from npo.runtime.checkpoint import CheckpointError, CheckpointManager
 from npo.runtime.engine import RolloutEngine, SamplingParams, TransformersEngine
 from npo.runtime.learner import load_weights
-from npo.runtime.verify import verified_sample
+from npo.runtime.verify import verified_sample, verify_groups
 from services.codec import sample_to_message
 from services.grpc_common import abort_on
 from services.proto.npo.v1 import common_pb2
@@ -345,11 +345,18 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):
     def _verify(
         self, prompts: Sequence[pb.Prompt], problems: list[Problem | None], generations: list[list], step: int
     ) -> list[Sample]:
-        """The verified Samples of `generations` (one group per prompt), prompt-major, sampled by policy `step`."""
+        """The verified Samples of `generations` (one group per prompt), prompt-major, sampled by policy `step`; the
+        finished samples of known problems are scored in one Task.rewards batch, the others get 0."""
+        known = [i for i, problem in enumerate(problems) if problem is not None]
+        scored = verify_groups(
+            [problems[i] for i in known], [generations[i] for i in known], self.decode, self.task.rewards, step
+        )
+        groups = dict(zip(known, scored, strict=True))
         return [
-            verified_sample(prompt.prompt_id, problem, generation, self.decode, self.task.reward, step)
-            for prompt, problem, group in zip(prompts, problems, generations, strict=True)
-            for generation in group
+            sample
+            for i, (prompt, group) in enumerate(zip(prompts, generations, strict=True))
+            for sample in groups.get(i)
+            or [verified_sample(prompt.prompt_id, None, g, self.decode, self.task.reward, step) for g in group]
         ]
 
     def _weights_target(self) -> torch.nn.Module:
