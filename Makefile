@@ -1,4 +1,4 @@
-# make run   - the default demo on the embedded runtime (tiny model, AutoNPO vs GRPO), report under runs/demo
+# make run   - the demo on the embedded runtime: GRPO, NPO early+late and AutoNPO x 3 seeds, paired; runs/demo/compare.md
 # make test  - lint + the whole CPU test suite (fast and slow tests; gpu-marked tests are skipped without a GPU)
 PY ?= python3
 VENV := .venv
@@ -36,7 +36,7 @@ test-fast: lint
 	$(BIN)/python -m pytest -q -m "not gpu and not slow"
 
 run: $(STAMP)
-	$(BIN)/npo demo --config configs/demo.yaml --out runs/demo
+	$(BIN)/npo experiment configs/experiments/demo.yaml
 
 # The evidence behind docs/results*.md (tiny preset, 5 seeds; about 2 h on 2 cores; resumes).
 evidence: $(STAMP)
