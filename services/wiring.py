@@ -28,16 +28,49 @@ def open_store(url: str, prefix: str) -> Iterator[object]:
 
 
 def build_policy_and_task(cfg):
-    """The task (data + reward) and the policy model for a run config."""
-    from npo.runtime.models import load_policy
+    """The task (data + reward) and the policy model for a run config.
+
+    The tiny preset is fitted to the task by plan_tiny (vocabulary, warm-up pairs, prompt kind, context length):
+    a problem that cannot fit is a ConfigError before the warm-up starts. Torch's threads are the caller's.
+    """
+    import dataclasses
+
+    from npo.core.config import TINY
+    from npo.runtime.models import load_policy, plan_tiny
     from npo.runtime.tasks import COMPACT_ALPHABET, load_task
 
     task = load_task(cfg.task)
-    pairs = [(p.compact_prompt, p.solution) for p in task.train if p.compact_prompt and p.solution]
+    if cfg.model.preset != TINY:
+        return load_policy(cfg.model, seed=cfg.seed, device=cfg.train.device), task
+    plan = plan_tiny(
+        cfg.model,
+        task.train,
+        task.test,
+        compact_alphabet=COMPACT_ALPHABET,
+        max_new_tokens=cfg.rollout.max_new_tokens,
+        sources=_task_sources(cfg.task),
+    )
+    model_cfg = dataclasses.replace(cfg.model, max_position_embeddings=plan.max_position_embeddings)
     policy = load_policy(
-        cfg.model, seed=cfg.seed, warmup_pairs=pairs, alphabet=COMPACT_ALPHABET, device=cfg.train.device
+        model_cfg,
+        seed=cfg.seed,
+        warmup_pairs=plan.warmup_pairs,
+        alphabet=plan.alphabet,
+        kind=plan.kind,
+        device=cfg.train.device,
     )
     return policy, task
+
+
+def _task_sources(task_cfg) -> dict[str, str]:
+    """Where each split of a file task comes from, for error messages: "task.<key> <path>" per split, when set."""
+    sources = {}
+    for split, keys in (("train", ("train_file", "jsonl_train")), ("test", ("test_file", "jsonl_test"))):
+        for key in keys:
+            path = getattr(task_cfg, key, "")
+            if path and split not in sources:
+                sources[split] = f"task.{key} {path}"
+    return sources
 
 
 def build_learner(cfg, policy):

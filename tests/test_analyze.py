@@ -175,6 +175,9 @@ def test_analyze_run_with_explicit_anchors_and_out_folder(analysed, tmp_path):
         def reward(self, problem, response):
             return float(response == problem.answer)
 
+        def rewards(self, problems, responses):
+            return [self.reward(p, r) for p, r in zip(problems, responses)]
+
     from npo.runtime.engine import SamplingParams
 
     rows = analyze_run(

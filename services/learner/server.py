@@ -457,12 +457,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         import torch
 
+        from npo.runtime.models import choose_threads
         from npo.runtime.run_config import load_run_config
         from services.wiring import build_learner, build_policy_and_task, open_store
 
         cfg = load_run_config(args.config, args.overrides)
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
+        torch.set_num_threads(choose_threads(cfg.train.threads))  # 0: the cores this process may use
         policy, task = build_policy_and_task(cfg)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -332,7 +332,7 @@ def train_command(exp: Experiment, arm: Arm, seed: int) -> list[str]:
 def build_models(exp: Experiment, log) -> None:
     """The `models` section: each built once into OUT/models/<name> (skipped when present), from the base config,
     the experiment's common `set` (but its placeholders) and the model's own `set`."""
-    from npo.runtime.models import save_policy
+    from npo.runtime.models import choose_threads, save_policy
     from npo.runtime.run_config import load_run_config
     from services.wiring import build_policy_and_task
 
@@ -347,7 +347,7 @@ def build_models(exp: Experiment, log) -> None:
         cfg = load_run_config(exp.base, [f"{k}={_value(v)}" for k, v in merged.items()])
         import torch
 
-        torch.set_num_threads(cfg.train.threads)
+        torch.set_num_threads(choose_threads(cfg.train.threads))
         policy, _ = build_policy_and_task(cfg)
         tmp = folder.with_name(folder.name + ".tmp")
         save_policy(policy, tmp)

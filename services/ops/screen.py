@@ -349,7 +349,9 @@ def _train(screen: Screen, log) -> None:
         log(f"not finished: {unfinished}")
     import torch
 
-    torch.set_num_threads(max(1, screen.threads * screen.workers))
+    from npo.runtime.models import choose_threads
+
+    torch.set_num_threads(choose_threads(max(1, screen.threads * screen.workers)))
 
 
 def _state(path: Path, this_run: tuple[str, float] | None) -> dict[str, Any]:

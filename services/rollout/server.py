@@ -93,6 +93,7 @@ def vllm_policy_engine(policy, dtype: str):
 def main(argv: Sequence[str] | None = None) -> int:
     """Load the policy and task of the run config (as `npo train` does), then serve until SIGTERM or Ctrl-C;
     prints `serving on HOST:PORT` once ready."""
+    from npo.runtime.models import choose_threads
     from npo.runtime.run_config import load_run_config
     from services.wiring import build_policy_and_task
 
@@ -102,8 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.threads < 0:
             raise ValueError(f"--threads: must be >= 0, got {args.threads}")
         cfg = load_run_config(args.config, args.overrides)
-        if args.threads:
-            torch.set_num_threads(args.threads)
+        torch.set_num_threads(choose_threads(args.threads))  # 0: the cores this process may use
         policy, task = build_policy_and_task(cfg)
         options = {"max_workers": args.workers, "max_message_bytes": args.max_message_mb * 2**20}
         if args.engine == "vllm":
