@@ -151,6 +151,24 @@ def test_a_prompt_that_does_not_fit_is_a_config_error_before_the_warm_up(tmp_pat
     assert not (tmp_path / "models").exists()  # nothing was warmed up
 
 
+def test_cli_reports_a_prompt_that_does_not_fit_in_one_line(tmp_path, capsys):
+    from pathlib import Path
+
+    from services.cli import main
+
+    train, test = _write_task(tmp_path)
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    sets = ["task.name=file", "task.options={}", f"task.train_file={train}", f"task.test_file={test}",
+            f"model.cache_dir={tmp_path / 'models'}", "model.max_prompt_chars=40"]  # fmt: skip
+    code = main(["train", "--config", str(config), "--out", str(tmp_path / "r"), "--no-progress"]
+                + [a for s in sets for a in ("--set", s)])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "Traceback" not in err and len(err.splitlines()) == 1
+    assert "npo: config error: model.max_prompt_chars: " in err
+    assert "id 'file/train/0' has 84 characters, over 40" in err
+    assert not (tmp_path / "models").exists() and not (tmp_path / "r" / "checkpoints").exists()
+
+
 def test_fitting_limits_and_inconsistent_data(tmp_path):
     fits = _config(tmp_path, "model.max_prompt_chars=200", "model.max_position_embeddings=200", "model.warmup_steps=0")
     policy, _ = build_policy_and_task(fits)
