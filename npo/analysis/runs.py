@@ -24,7 +24,6 @@ therefore carries the counters of the row written just before it (what had been 
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from npo.runtime.logsinks import METRICS_CSV, read_metrics_csv
+from npo.runtime.logsinks import METRICS_CSV, read_jsonl_rows, read_metrics_csv
 
 FINAL = "final"
 """`segment` of the last metrics row (evaluation of the final policy, no training)."""
@@ -121,22 +120,11 @@ class RunData:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """JSON objects of a .jsonl file; blank lines and a truncated LAST line (a run still writing) are skipped.
-
-    Raises ValueError naming the file and line for a bad line elsewhere.
-    """
-    lines = path.read_text().splitlines()
-    out = []
-    for index, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            if index == len(lines):
-                break
-            raise ValueError(f"{path}: line {index} is not valid JSON ({exc})") from None
-    return out
+    """JSON objects of an existing .jsonl file (npo.runtime.logsinks.read_jsonl_rows: blank lines and a truncated
+    last line skipped, ValueError naming the file and line for a bad line elsewhere)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    return read_jsonl_rows(path)
 
 
 def main_line(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -150,7 +150,8 @@ def read_metrics_csv(path: str | Path) -> list[dict[str, Any]]:
 
 
 def read_jsonl_rows(path: Path) -> list[dict[str, Any]]:
-    """The JSON objects of a .jsonl file ([] when it does not exist); blank lines and a truncated last line skipped."""
+    """The JSON objects of a .jsonl file ([] when it does not exist); blank lines and a truncated LAST line (a run
+    still writing) are skipped. Raises ValueError naming the file and line for a bad line elsewhere."""
     if not path.is_file():
         return []
     lines = path.read_text().splitlines()
@@ -160,10 +161,10 @@ def read_jsonl_rows(path: Path) -> list[dict[str, Any]]:
             continue
         try:
             rows.append(json.loads(line))
-        except json.JSONDecodeError:
+        except json.JSONDecodeError as exc:
             if index == len(lines):
                 break
-            raise ValueError(f"{path}: line {index} is not valid JSON") from None
+            raise ValueError(f"{path}: line {index} is not valid JSON ({exc})") from None
     return rows
 
 
