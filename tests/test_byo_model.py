@@ -9,7 +9,6 @@ import logging
 import os
 
 import pytest
-import torch
 
 from npo.core.config import ConfigError, ModelConfig
 from npo.core.types import Problem
@@ -41,12 +40,7 @@ SMALL_TINY = [
 WORDS = ["apples", "pears", "coins", "stones", "books"]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _rows(start: int, count: int) -> list[dict]:

@@ -26,13 +26,7 @@ ALPHABET = "0123456789+-="
 SUM_PAIRS = [(f"{a}+{b}=", str(a + b)) for a in range(10) for b in range(10)]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny matrices: one thread is as fast as two, and far faster when another process keeps a core busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
