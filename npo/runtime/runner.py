@@ -359,7 +359,7 @@ class Runner:
         else:
             self._weights_changed = True
             self.optimizer_steps += 1
-        row = self._step_row(t, groups, pass_rates, tau_gate, gen_seconds, metrics)
+        row = self._step_row(t, groups, pass_rates, len(gated), gen_seconds, metrics)
         self._write_row(row)
         if cfg.method is Method.AUTONPO and math.isfinite(row["entropy"]):
             self._last_reading = self.autonpo.observe(t, row["reward_mean"], row["entropy"])
@@ -389,7 +389,7 @@ class Runner:
             temperature=self.cfg.rollout.temperature,
         )
 
-    def _step_row(self, t, groups, pass_rates, tau_gate, gen_seconds, metrics) -> dict[str, Any]:
+    def _step_row(self, t, groups, pass_rates, gated_groups, gen_seconds, metrics) -> dict[str, Any]:
         """Row `step: t` of metrics.jsonl: pi^(t)'s rollout statistics, the learner's metrics, counters, eval."""
         onpolicy = [s for g in groups for s in g]
         row: dict[str, Any] = {
@@ -398,7 +398,7 @@ class Runner:
             "reward_mean": float(np.mean([s.reward for s in onpolicy])),
             "pass_rate": float(np.mean(list(pass_rates.values()))),
             "zero_groups": sum(r == 0.0 for r in pass_rates.values()) / len(pass_rates),
-            "gated_groups": sum(should_replace(r, tau_gate, self.cfg.algo.gate_mode) for r in pass_rates.values()),
+            "gated_groups": gated_groups,
             "response_len": float(np.mean([len(s.response_ids) for s in onpolicy])),
             "gen_seconds": gen_seconds,
             **metrics,
