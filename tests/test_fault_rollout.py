@@ -57,7 +57,12 @@ def test_a_killed_rollout_replica_is_dropped_then_rejoins_and_the_run_is_unchang
         killed_at = datetime.datetime.now()
         run.kill("rollout-1")
         kill_to_row = wait_for(lambda: len(run.rows()) > rows_at_kill, 300, "a metrics row after the kill")
-        kill_to_drop = (logged_at(learner_log(run), f"rollout replica {address} dropped") - killed_at).total_seconds()
+        # The row after the kill may come from a step whose sampling had already finished, so the learner notices
+        # the dead replica only on its next call: wait for the line rather than expect it with that row.
+        dropped = f"rollout replica {address} dropped"
+        wait_for(lambda: dropped in learner_log(run) or driver.poll() is not None, 300, "the drop")
+        assert dropped in learner_log(run), "the run ended before the learner noticed the killed replica"
+        kill_to_drop = (logged_at(learner_log(run), dropped) - killed_at).total_seconds()
 
         run.wait_for_step(killed_step + RESTART_AFTER_STEPS)
         started = time.monotonic()
