@@ -351,3 +351,41 @@ def test_paired_final_and_console_summary(grid, tmp_path):
     assert "at step 4, 2 seeds" in lines[0]
     npo_line = next(line for line in lines if line.strip().startswith("NPO early "))
     assert "paired vs grpo: +12.5 ± 7.5 (2/2 seeds > 0)" in npo_line and "rollbacks 0.5 ± 0.5" in npo_line
+
+
+def test_first_warning_replays_the_trigger_on_a_twin(grid):
+    from npo.analysis.stats import first_warning
+    from npo.core.config import AutoNPOConfig
+
+    # With ema_decay 0 the EMAs are the raw values: reward 0.5 throughout (gain 0 < 0.01, stagnant), entropy
+    # 1 - 0.1 t, so over a window of 2 the relative drop at step t >= 2 is 0.2 / (1 - 0.1 (t - 2)).
+    twin = grid["grpo"][0]
+    cfg = AutoNPOConfig(ema_decay=0.0, window=2, reward_gain_min=0.01, entropy_drop_frac=0.1, min_step=0)
+    assert first_warning(twin, cfg, T) == 2  # the first step with a full window: drop 0.2 >= 0.1
+    assert first_warning(twin, AutoNPOConfig(**{**vars(cfg), "min_step": 3}), T) == 3
+    steep = AutoNPOConfig(**{**vars(cfg), "entropy_drop_frac": 0.3})  # needs 1 - 0.1 (t - 2) <= 2/3: t >= 6
+    assert first_warning(twin, steep, horizon=10) is None  # the rows end at step 5
+    assert first_warning(twin, AutoNPOConfig(**{**vars(steep), "require_entropy_drop": False}), T) == 2
+    assert first_warning(twin, cfg, horizon=1) is None  # past the horizon nothing is replayed
+
+
+def test_trigger_section_of_an_autonpo_arm(grid, tmp_path):
+    events = [
+        {"kind": "autonpo", "event": "probe", "step": 2, "probed": 8, "solved": 0, "decision": None},
+        {"kind": "autonpo", "event": "probe", "step": 4, "probed": 8, "solved": 3, "decision": {"delta": 2}},
+        {"kind": "autonpo", "event": "rollback", "step": 4, "to_step": 2, "delta": 2},
+    ]
+    runs = {s: write_run(tmp_path / "auto" / f"seed{s}", baseline_rows(s), seed=s) for s in (0, 1)}
+    settings = {"ema_decay": 0.0, "window": 2, "entropy_drop_frac": 0.1, "min_step": 0}
+    for s, run in runs.items():
+        (run.folder / "config.yaml").write_text(yaml.safe_dump({"method": "autonpo", "seed": s, "autonpo": settings}))
+        (run.folder / "interventions.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events[: 3 * (s == 0)]))
+    auto = {s: load_run(runs[s].folder) for s in (0, 1)}
+    spec = SPEC | {"arms": [*SPEC["arms"], {"name": "auto", "label": "AutoNPO", "description": "trigger"}]}
+    text = write_results({**grid, "auto": auto}, spec, [], {}, tmp_path / "r.md", tmp_path / "figs")
+    assert "## AutoNPO's trigger" in text
+    rows = table_rows(text)
+    assert ["auto", "0", "2", "2 (0/8 solved, declined); 4 (3/8 solved, Delta* 2)", "4→2"] in rows
+    assert ["auto", "1", "2", "-", "-"] in rows
+    assert "- auto: intervened on 1/2 seeds." in text
+    assert "## AutoNPO's trigger" not in write_results(grid, SPEC, [], {}, tmp_path / "g.md", tmp_path / "figs")

@@ -30,7 +30,9 @@ from npo.analysis.stats import (
     acc_at,
     activity,
     arm_stats,
+    autonpo_config,
     crn_prefix,
+    first_warning,
     gen_share,
     mean_se,
     paired_speed,
@@ -467,6 +469,55 @@ def activity_section(res: Results) -> list[str]:
     ]
 
 
+def _probe_cell(event: dict[str, Any]) -> str:
+    decision = event.get("decision")
+    chosen = f"Delta* {decision['delta']}" if decision else "declined"
+    return f"{event.get('step')} ({event.get('solved', 0)}/{event.get('probed', 0)} solved, {chosen})"
+
+
+def trigger_section(res: Results) -> list[str]:
+    """For each AutoNPO arm and seed: where its warning (stage a, the arm's own settings) first rises on the baseline
+    twin's curve, the probes it ran and the interventions it made; and on how many seeds it intervened."""
+    rows, totals = [], []
+    for a in res.others:
+        runs = {s: r for s, r in res.grid[a].items() if r is not None and autonpo_config(r) is not None}
+        if not runs:
+            continue
+        fired = 0
+        for seed, run in runs.items():
+            twin = res.grid[res.baseline].get(seed)
+            warned = first_warning(twin, autonpo_config(run), res.horizon) if twin is not None else None
+            probes = [e for e in run.interventions if e.get("event") == "probe"]
+            rollbacks = [e for e in run.rollbacks if e.get("kind") == "autonpo"]
+            fired += bool(rollbacks)
+            rows.append(
+                [
+                    a,
+                    str(seed),
+                    "-" if warned is None else str(warned),
+                    "; ".join(_probe_cell(e) for e in probes) or "-",
+                    ", ".join(f"{e['step']}→{e['to_step']}" for e in rollbacks) or "-",
+                ]
+            )
+        totals.append(f"- {a}: intervened on {fired}/{len(runs)} seeds.")
+    if not rows:
+        return []
+    header = ["arm", "seed", "first warning on the baseline twin", "probes: step (Q: solved/probed, decision)"]
+    return [
+        "## AutoNPO's trigger",
+        "",
+        "first warning: AutoNPO's stage (a) (reward stagnation, and entropy decline unless "
+        "autonpo.require_entropy_drop is false), with the arm's settings, replayed on its baseline twin's training "
+        "rows (the two runs are identical until the first intervention, so this is where the arm first probes). A "
+        "probe is declined when no candidate Delta reaches autonpo.q_min; the next probe waits a window.",
+        "",
+        markdown_table([*header, "interventions (step→rollback step)"], rows),
+        "",
+        *totals,
+        "",
+    ]
+
+
 def paired_section(res: Results) -> list[str]:
     """Paired differences arm - baseline per window, at equal steps (one table) and at equal compute (one table per
     arm: the windows follow each arm's compute range)."""
@@ -594,6 +645,7 @@ def write_results(
         *speed_section(res),
         *seeds_section(res),
         *activity_section(res),
+        *trigger_section(res),
         *paired_section(res),
         *["## Curves", "", *(_image(n, rel) + "\n" for n in figures[:3])],
         *s_section(res, rel),

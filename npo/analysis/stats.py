@@ -30,6 +30,8 @@ import numpy as np
 
 from npo.analysis.markdown import fmt_number, fmt_points
 from npo.analysis.runs import FINAL, EvalPoint, RunData, accuracy_auc, first_reaching, guide_slots, number, probes
+from npo.core.autonpo import PlateauDetector
+from npo.core.config import AutoNPOConfig
 
 SOURCES = ("past", "resample", "near_future", "far_future", "external")
 """Guide sources of the S analysis, in table order."""
@@ -216,6 +218,34 @@ def activity(run: RunData) -> dict[str, int]:
         "optimizer_steps": int(run.last.get("optimizer_steps", 0) or 0),
         "samples_total": int(run.last.get("samples_total", 0) or 0),
     }
+
+
+def autonpo_config(run: RunData) -> AutoNPOConfig | None:
+    """The AutoNPO settings of an autonpo run (its config.yaml's `autonpo` section over the defaults); None for a run
+    of another method."""
+    if run.method != "autonpo":
+        return None
+    section = run.config.get("autonpo") or {}
+    known = AutoNPOConfig.__dataclass_fields__
+    return AutoNPOConfig(**{k: v for k, v in section.items() if k in known})
+
+
+def first_warning(run: RunData, cfg: AutoNPOConfig, horizon: int) -> int | None:
+    """AutoNPO's stage (a) replayed on a run's main-line training rows (reward_mean and entropy, as the trainer feeds
+    it): the first step in [cfg.min_step, horizon] whose reading raises the warning; None if none does.
+
+    On the GRPO twin of an AutoNPO run (same seed; the two are identical until the first intervention) this is the
+    step where the AutoNPO run probes first, so it tells whether a trigger setting fires in a regime without running
+    AutoNPO; the cool-down after a declined probe is not replayed."""
+    detector = PlateauDetector(cfg)
+    for row in run.train_rows:
+        step = int(row["step"])
+        if step > horizon:
+            break
+        reading = detector.observe(step, float(row["reward_mean"]), float(row["entropy"]))
+        if reading.warning and step >= cfg.min_step:
+            return step
+    return None
 
 
 def crossing(
