@@ -351,6 +351,8 @@ def test_paired_final_and_console_summary(grid, tmp_path):
     assert "at step 4, 2 seeds" in lines[0]
     npo_line = next(line for line in lines if line.strip().startswith("NPO early "))
     assert "paired vs grpo: +12.5 ± 7.5 (2/2 seeds > 0)" in npo_line and "rollbacks 0.5 ± 0.5" in npo_line
+    windows = lines[lines.index(npo_line) + 1]  # the equal-steps table's cells, one per window
+    assert windows == "    paired by window of steps: (0, 2] +15.0 ± 10.0 (2/2 > 0), (2, 4] +12.5 ± 7.5 (2/2 > 0)"
 
 
 def test_first_warning_replays_the_trigger_on_a_twin(grid):

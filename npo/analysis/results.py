@@ -405,7 +405,7 @@ def paired_final(res: Results, arm: str) -> tuple[float | None, float | None, in
 
 def summary_lines(res: Results) -> list[str]:
     """A few lines for the console: per arm its final at T (mean ± s.e.), the paired difference with its twin
-    and what it did (guide slots, rollbacks, probes)."""
+    and what it did (guide slots, rollbacks, probes), then the paired difference in each window of steps."""
     lines = [f"final held-out accuracy at step {res.horizon}, {len(res.seeds)} seeds, points (mean ± s.e.):"]
     for a in res.arms:
         line = f"  {res.labels[a]:<28} {_pm(res.stats[a]['final'].values()):>12}"
@@ -417,6 +417,10 @@ def summary_lines(res: Results) -> list[str]:
             did = ", ".join(f"{k.replace('_', ' ')} {_pm([x[k] for x in acts], scale=1.0)}" for k in ACTIVITY_KEYS[2:4])
             line += f"; guide slots {_pm([x['guide_slots'] for x in acts], scale=1.0)}, {did}"
         lines.append(line)
+        windows = [w for w in res.paired["step"].get(a, []) if w["mean"] is not None]
+        if windows:
+            cells = (f"({w['lo']:.0f}, {w['hi']:.0f}] {_paired_cell(w)}" for w in windows)
+            lines.append("    paired by window of steps: " + ", ".join(cells))
     return lines
 
 
