@@ -90,7 +90,7 @@ def learner_pair(
             for i, g in enumerate(generations[start : start + group_size])
         ]
         prompt_ids[f"p{start}"] = prompts[start]
-        groups.append(MixedGroup(f"p{start}", samples, [False] * group_size, [s.logprobs for s in samples], 0.5, False))
+        groups.append(MixedGroup(f"p{start}", samples, [False] * group_size, [s.logprobs for s in samples], 0.5, 0))
     rows = training_rows(groups, prompt_ids, algo)
     tokens = sum(len(r.prompt_ids) + len(r.response_ids) for r in rows)
     initial = {k: v.clone() for k, v in policy.model.state_dict().items()}

@@ -77,3 +77,42 @@ def check_guide(guide: Sample | common_pb2.Sample, name: str = "guide") -> None:
     if problem is not None:
         field, what = problem
         raise ValueError(f"{name}.{field}: {what}" + (f" (prompt {guide.prompt_id!r})" if field != "prompt_id" else ""))
+
+
+def _varint(value: int) -> bytes:
+    """A non-negative int as a protobuf base-128 varint."""
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        if value:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
+def frame_samples(serialized: Sequence[bytes]) -> bytes:
+    """Serialized npo.v1.Sample messages as repeated field 1 of a message (tag 0x0a, length, bytes each): the wire
+    form of GetGuidesResponse.guides, built without parsing anything."""
+    return b"".join(b"\x0a" + _varint(len(s)) + s for s in serialized)
+
+
+def split_samples(framed: bytes) -> list[bytes]:
+    """Inverse of `frame_samples`: the serialized messages, in order; ValueError when `framed` is not that form."""
+    out, i = [], 0
+    while i < len(framed):
+        if framed[i] != 0x0A:
+            raise ValueError(f"framed samples: expected field 1 at byte {i}, got tag {framed[i]:#04x}")
+        i, length, shift = i + 1, 0, 0
+        while True:
+            if i >= len(framed) or shift > 63:
+                raise ValueError("framed samples: truncated length")
+            byte = framed[i]
+            length, i, shift = length | (byte & 0x7F) << shift, i + 1, shift + 7
+            if not byte & 0x80:
+                break
+        if i + length > len(framed):
+            raise ValueError("framed samples: truncated message")
+        out.append(framed[i : i + length])
+        i += length
+    return out

@@ -8,10 +8,12 @@ import redis
 
 from npo.core.types import Sample
 from npo.runtime.store import sample_to_json
+from services.codec import frame_samples, sample_to_message, split_samples
 from services.guidance_cache.client import GuidanceCacheClient
 from services.guidance_cache.embedded import EmbeddedRedis
 from services.guidance_cache.server import serve
 from services.guidance_cache.store import RedisGuideStore
+from services.proto.npo.v1 import guidance_cache_pb2 as pb
 
 GUIDES = [
     Sample("p1", [5, 6, 2], [-0.1, float("-inf"), -1e-300], 1.0, "12", 40, True),
@@ -62,9 +64,30 @@ def test_values_in_the_older_json_form_are_still_read(served):
         got = reader.get_guides("r", 7, ["p1", "p2", "p3"])
         for sample in GUIDES:
             same(got[sample.prompt_id], sample)
+        lists = reader.get_guide_lists("r", 7, ["p1", "p2", "p3"], 2)  # a k = 2 reader gets the one guide stored
+        for sample in GUIDES:
+            (got,) = lists[sample.prompt_id]
+            same(got, sample)
 
 
 def test_a_client_that_decodes_responses_is_refused(served):
     server, _, _ = served
     with pytest.raises(ValueError, match="decode responses"):
         RedisGuideStore(redis.Redis.from_url(server.url, decode_responses=True))
+
+
+def test_further_guides_are_framed_samples_and_read_back_in_order(served):
+    # a prompt's 2nd, 3rd ... guides are kept in the `:more` hash as a GetGuidesResponse's bytes
+    server, store, client = served
+    long_text = Sample("p1", [5, 6, 2], [-0.1, -0.2, -0.3], 1.0, "x" * 300, 40, True)  # a two-byte length varint
+    store.put_guides("r", 40, [VALID_GUIDES[0], long_text, VALID_GUIDES[1], VALID_GUIDES[0]])
+    framed = redis.Redis.from_url(server.url).hget("npo:r:guides:40:more", "p1")
+    assert [m.text for m in pb.GetGuidesResponse.FromString(framed).guides] == ["x" * 300, "12"]
+    assert split_samples(framed) == [sample_to_message(s).SerializeToString() for s in (long_text, VALID_GUIDES[0])]
+    assert frame_samples(split_samples(framed)) == framed
+    for reader in (store, client):
+        got = reader.get_guide_lists("r", 40, ["p2", "p1"], 3)
+        assert list(got) == ["p2", "p1"] and [g.text for g in got["p1"]] == ["12", "x" * 300, "12"]
+    for bad in (b"\x12\x01a", b"\x0a\x05ab", b"\x0a\x80"):
+        with pytest.raises(ValueError, match="framed samples"):
+            split_samples(bad)

@@ -110,6 +110,39 @@ def test_npo_early_bootstrap_scouts_rolls_back_and_replays(tmp_path, model_cache
     assert rs[1]["reward_mean"] == rs[3]["reward_mean"]
 
 
+def test_two_guide_slots_per_group_in_the_replay(tmp_path, model_cache):
+    runner = make(
+        tmp_path,
+        model_cache,
+        *EARLY_BOOTSTRAP_NPO,
+        "npo.early.delta=2",
+        "npo.guide_samples=16",
+        "algo.tau_gate=1.0",
+        "algo.guide_slots=2",
+    )
+    seen = []  # (segment, [(prompt_id, guide slots, is_guide)] per group) of every step
+    train_step = runner.learner.train_step
+
+    def recording(groups, prompt_ids):
+        seen.append((runner.segment.name, [(g.prompt_id, g.guides, g.is_guide) for g in groups]))
+        return train_step(groups, prompt_ids)
+
+    runner.learner.train_step = recording
+    runner.train()
+    rs = [r for r in rows(runner) if r["segment"] != "final"]
+    assert [(r["step"], r["segment"]) for r in rs] == EARLY_BOOTSTRAP_SEGMENTS[:-1]
+    for row, (segment, groups) in zip(rs, seen, strict=True):
+        assert row["guide_slots"] == sum(m for _, m, _ in groups)  # the metric counts replaced slots
+        for prompt_id, m, is_guide in groups:
+            assert is_guide == [False] * (4 - m) + [True] * m  # the last m slots
+            if segment == "npo_replay" and m:  # m = min(k, the prompt's cached guides)
+                assert m == len(runner.store.get_guide_lists(runner.run, 3, [prompt_id], 2)[prompt_id])
+    guided = [m for segment, groups in seen if segment == "npo_replay" for _, m, _ in groups if m]
+    assert guided and set(guided) == {2}, guided  # every guided group of this run had two guides: 2 slots each
+    replay = [r["guide_slots"] for r in rs if r["segment"] == "npo_replay"]
+    assert sum(replay) == 2 * len(guided)
+
+
 def test_autonpo_probes_and_intervenes(tmp_path, model_cache):
     runner = make(
         tmp_path,

@@ -3,6 +3,7 @@ process and once with rollout, guidance cache and learner as real gRPC servers o
 through the rollout replica, publishing its weights after every change, and reads guides from the cache service
 over a real Redis), driven through LearnerService."""
 
+import copy
 import json
 
 import pytest
@@ -83,12 +84,18 @@ def without(rs, keys):
     return [{k: v for k, v in r.items() if k not in keys} for r in rs]
 
 
-def test_service_mode_gives_the_embedded_runs_metrics(tmp_path, setup):
+@pytest.mark.parametrize("guide_slots", [1, 2])
+def test_service_mode_gives_the_embedded_runs_metrics(tmp_path, setup, guide_slots):
     cfg, task, make_policy = setup
+    cfg = copy.deepcopy(cfg)
+    cfg.algo.guide_slots = guide_slots  # 2: the cache holds lists and the learner reads two guides per prompt
 
     with EmbeddedRedis() as redis, RedisGuideStore(redis.url) as store:
         embedded = Runner(cfg, tmp_path / "embedded", policy=make_policy(), task=task, store=store, progress=False)
         embedded.train()
+        cached = store.get_guide_lists(embedded.run, 2, [p.prompt_id for p in task.train], 3)  # guide step 0 + 2
+        assert cached and {len(guides) for guides in cached.values()} <= set(range(1, guide_slots + 1))
+        assert guide_slots == 1 or max(map(len, cached.values())) == 2, "no prompt had two guides: too little proved"
 
     servers = []
     try:

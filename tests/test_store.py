@@ -99,12 +99,43 @@ def test_get_guides_of_missing_ids_are_absent(store):
 
 def test_put_replaces_a_prompts_guide_and_counts_distinct_ids(store):
     assert store.put_guides("run", 5, [guide("a", logprobs=[-1.0]), guide("a", logprobs=[-2.0]), guide("b")]) == 2
-    assert store.get_guides("run", 5, ["a"])["a"].logprobs == [-2.0]  # later one in the batch wins
+    assert store.get_guides("run", 5, ["a"])["a"].logprobs == [
+        -1.0
+    ]  # a's list is both, in order; k = 1 reads the first
     assert store.put_guides("run", 5, [guide("a", logprobs=[-3.0])]) == 1
     assert store.get_guides("run", 5, ["a"])["a"].logprobs == [-3.0]
     assert store.put_guides("run", 6, []) == 0
     assert store.guide_steps("run") == [5]  # an empty batch registers no guide step
     assert store.stats("run")["guides"] == 2
+
+
+def test_a_prompts_guides_are_an_ordered_list(store):
+    # algo.guide_slots k = 2: several guides of one prompt in a batch are its list, in batch order
+    first, second, third = (guide("a", logprobs=[-x]) for x in (1.0, 2.0, 3.0))
+    assert store.put_guides("run", 5, [first, guide("b"), second]) == 2  # distinct prompt ids
+    assert store.get_guide_lists("run", 5, ["a", "zzz", "b", "a"], 2) == {"a": [first, second], "b": [guide("b")]}
+    assert store.get_guide_lists("run", 5, ["a"], 1) == {"a": [first]}
+    assert store.get_guides("run", 5, ["a", "b"]) == {"a": first, "b": guide("b")}  # a k = 1 reader sees the first
+    assert store.stats("run") == {"guide_steps": {5: 3}, "guides": 3, "mistakes": 0}  # every guide counts
+
+    assert store.put_guides("run", 5, [third, first, second]) == 1  # replaces a's list, b's stays
+    assert store.get_guide_lists("run", 5, ["a"], 2) == {"a": [third, first]}
+    assert store.get_guide_lists("run", 5, ["a", "b"], 9) == {"a": [third, first, second], "b": [guide("b")]}
+    assert store.put_guides("run", 5, [second]) == 1  # a shorter list leaves nothing of the longer one behind
+    assert store.get_guide_lists("run", 5, ["a"], 3) == {"a": [second]}
+    assert store.stats("run")["guide_steps"] == {5: 2}
+
+    store.put_guides("run", 6, [first, second, guide("c")])
+    assert store.stats("run") == {"guide_steps": {5: 2, 6: 3}, "guides": 5, "mistakes": 0}
+    assert store.delete_guides("run", 6) == 3
+    assert store.get_guide_lists("run", 6, ["a", "c"], 2) == {}
+    store.put_guides("run", 7, [first, second])
+    store.clear_run("run")
+    assert store.stats("run") == {"guide_steps": {}, "guides": 0, "mistakes": 0}
+    assert store.get_guide_lists("run", 7, ["a"], 2) == {}
+    for k in (0, -1, 1.0, True):
+        with pytest.raises(ValueError, match="^k: "):
+            store.get_guide_lists("run", 5, ["a"], k)
 
 
 def test_runs_are_namespaced(store):
@@ -264,6 +295,7 @@ def test_get_guides_is_one_round_trip_and_put_one_transaction(server):
         assert {name: s["calls"] for name, s in stats.items() if name != "cmdstat_config|resetstat"} == {
             "cmdstat_multi": 1,
             "cmdstat_hset": 1,
+            "cmdstat_hdel": 1,  # of the further guides an earlier, longer list of these prompts may have left
             "cmdstat_zadd": 1,
             "cmdstat_exec": 1,
         }
@@ -272,6 +304,12 @@ def test_get_guides_is_one_round_trip_and_put_one_transaction(server):
         calls = {name: s["calls"] for name, s in client.info("commandstats").items()}
         assert calls.get("cmdstat_hmget") == 1
         assert set(calls) <= {"cmdstat_hmget", "cmdstat_config|resetstat"}
+        client.config_resetstat()
+        store.put_guides("run", 3, [guide("a"), guide("a", logprobs=[-2.0])])  # a list of two (algo.guide_slots 2)
+        assert len(store.get_guide_lists("run", 3, ["a", "b"], 2)["a"]) == 2
+        calls = {name: s["calls"] for name, s in client.info("commandstats").items()}
+        assert {name: calls.get(f"cmdstat_{name}") for name in ("multi", "hset", "hdel", "hmget", "exec")} == {
+            "multi": 2, "hset": 2, "hdel": None, "hmget": 2, "exec": 2}  # fmt: skip
     assert client.ping()  # a client passed in stays open after the store is closed
     client.close()
 

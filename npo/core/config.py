@@ -109,6 +109,9 @@ class AlgoConfig:
     guide_select: GuideSelect = GuideSelect.FIRST
     """Which correct sample of the guide policy's npo.guide_samples becomes a prompt's guide: first (the paper),
     shortest, or likely (most confident under the guide policy)."""
+    guide_slots: int = 1
+    """k: most slots of a gated group given to guides (the paper: 1). The last min(k, the prompt's verified guides)
+    slots take distinct guides of the prompt, in algo.guide_select's order; 1 <= k <= group_size - 1."""
 
 
 @dataclass
@@ -475,6 +478,9 @@ def _validate_algo(c: AlgoConfig, p: str = "algo.") -> None:
     _check_range(p + "shaping_gamma", c.shaping_gamma, 0.0)
     if not c.shaping_gamma > 0:
         raise ConfigError(f"{p}shaping_gamma: must be > 0, got {c.shaping_gamma}")
+    _check_range(p + "guide_slots", c.guide_slots, 1)
+    if c.guide_slots > c.group_size - 1:  # one on-policy slot stays in every group
+        raise ConfigError(f"{p}guide_slots: must be <= {p}group_size - 1 = {c.group_size - 1}, got {c.guide_slots}")
 
 
 def _validate_autonpo(c: AutoNPOConfig, p: str = "autonpo.") -> None:

@@ -2,9 +2,13 @@
 
     near_future   the NPO segment's guides of pi^(t+Delta), cached by an intervention (guidance cache)
     past          the run's own newest verified trajectory of the prompt, at most guide.past_max_age steps old
-    far_future,   guide.model's first verified-correct sample of npo.guide_samples, sampled once for the whole train
-    external      split (seeded by the run seed only, so a resumed run gets the same guides)
+    far_future,   guide.model's verified-correct samples of npo.guide_samples (algo.guide_select's first
+    external      algo.guide_slots), sampled once for the whole train split (seeded by the run seed only, so a
+                  resumed run gets the same guides)
     none          no guide (GRPO)
+
+A source offers each gated prompt an ordered list of guides; the gate uses the first algo.guide_slots of them (past
+offers one).
 
 Every source is asked for the gated prompts only (p_hat <= tau_gate); the gate (npo.core.gate) still checks each guide.
 An NPO segment reads the cache whatever the configured source (the controller runs NPO segments on any learner).
@@ -16,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from npo.core.gate import first_correct, select_guides
+from npo.core.gate import first_correct, guide_lists, select_guides
 from npo.core.seeds import derive_seed
 from npo.core.types import Problem, Sample
 from npo.runtime.run_config import MODEL_SOURCES, RunConfig
@@ -31,8 +35,8 @@ class GuideSource:
 
     name = "none"
 
-    def guides(self, step: int, gated: Sequence[str]) -> dict[str, Sample]:
-        """prompt_id -> guide for the gated prompts of step `step` that have one."""
+    def guides(self, step: int, gated: Sequence[str]) -> dict[str, list[Sample]]:
+        """prompt_id -> its guides, in order, for the gated prompts of step `step` that have one."""
         return {}
 
     def observe(self, groups: Sequence[Sequence[Sample]], correct_threshold: float) -> None:
@@ -54,11 +58,11 @@ class NearFutureGuides(GuideSource):
 
     name = "near_future"
 
-    def __init__(self, store: GuideStore, run: str, guide_step: Callable[[], int]) -> None:
-        self.store, self.run, self.guide_step = store, run, guide_step
+    def __init__(self, store: GuideStore, run: str, guide_step: Callable[[], int], k: int = 1) -> None:
+        self.store, self.run, self.guide_step, self.k = store, run, guide_step, k
 
-    def guides(self, step: int, gated: Sequence[str]) -> dict[str, Sample]:
-        return self.store.get_guides(self.run, self.guide_step(), list(gated)) if gated else {}
+    def guides(self, step: int, gated: Sequence[str]) -> dict[str, list[Sample]]:
+        return self.store.get_guide_lists(self.run, self.guide_step(), list(gated), self.k) if gated else {}
 
 
 class PastGuides(GuideSource):
@@ -70,9 +74,9 @@ class PastGuides(GuideSource):
         self.max_age = max_age
         self.kept: dict[str, Sample] = {}  # prompt -> newest verified trajectory
 
-    def guides(self, step: int, gated: Sequence[str]) -> dict[str, Sample]:
+    def guides(self, step: int, gated: Sequence[str]) -> dict[str, list[Sample]]:
         oldest = step - self.max_age if self.max_age else 0
-        return {p: self.kept[p] for p in gated if p in self.kept and self.kept[p].policy_step >= oldest}
+        return {p: [self.kept[p]] for p in gated if p in self.kept and self.kept[p].policy_step >= oldest}
 
     def observe(self, groups: Sequence[Sequence[Sample]], correct_threshold: float) -> None:
         for sample in first_correct(groups, correct_threshold):
@@ -105,14 +109,14 @@ class ModelGuides(GuideSource):
     ) -> None:
         self.name, self.cfg, self.policy, self.problems = name, cfg, policy, list(problems)
         self.verify, self.record = verify, record
-        self.sampled: dict[str, Sample] | None = None
+        self.sampled: dict[str, list[Sample]] | None = None
 
-    def guides(self, step: int, gated: Sequence[str]) -> dict[str, Sample]:
+    def guides(self, step: int, gated: Sequence[str]) -> dict[str, list[Sample]]:
         if self.sampled is None:
             self.sampled = self._sample(step)
         return {p: self.sampled[p] for p in gated if p in self.sampled}
 
-    def _sample(self, step: int) -> dict[str, Sample]:
+    def _sample(self, step: int) -> dict[str, list[Sample]]:
         from npo.runtime.engine import TransformersEngine
         from npo.runtime.models import ModelConfig, load_policy
 
@@ -124,14 +128,15 @@ class ModelGuides(GuideSource):
             raise ValueError(f"guide.model: {folder} has another vocabulary than the policy (tokens must be shared)")
         guide_policy.model.to(next(self.policy.model.parameters()).device)
         engine = TransformersEngine(guide_policy.model, eos_id=guide_policy.eos_id, pad_id=guide_policy.pad_id)
-        guides: dict[str, Sample] = {}
+        guides: dict[str, list[Sample]] = {}
         for lo in range(0, len(self.problems), self.chunk):
             part = self.problems[lo : lo + self.chunk]
             seed = derive_seed(cfg.seed, f"guide-model/{lo}", 0)
             prompts = [self.policy.encode_prompt(p) for p in part]
             gens = engine.generate(prompts, cfg.npo.guide_samples, cfg.rollout, seed=seed)
-            for sample in select_guides(self.verify(part, gens, -1), cfg.algo.correct_threshold, cfg.algo.guide_select):
-                guides[sample.prompt_id] = sample
+            groups, algo = self.verify(part, gens, -1), cfg.algo
+            chosen = select_guides(groups, algo.correct_threshold, algo.guide_select, algo.guide_slots)
+            guides.update(guide_lists(chosen))
         event = {"kind": self.name, "event": "guides", "step": step, "model": str(folder)}
         self.record({**event, "prompts": len(self.problems), "guides": len(guides)})
         return guides

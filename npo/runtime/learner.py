@@ -183,7 +183,7 @@ def step_metrics(
         "approx_kl": weighted.get("approx_kl", 0.0),
         "entropy": acc.entropy_sum / max(acc.entropy_tokens, 1),
         "grad_norm": float(grad_norm),
-        "guide_slots": int(sum(g.replaced for g in groups)),
+        "guide_slots": int(sum(g.guides for g in groups)),
         "train_seconds": seconds,
         **extra,
     }

@@ -3,7 +3,8 @@
     candidates {Delta : checkpoint t - Delta exists} -> mistakes B = failures in [t - max Delta, t)
     -> probe prompts (a seeded sample of B) -> generate probe_samples responses with pi^(t) -> verify
     -> K_hat(Delta) = mean over probe tokens of k(log pi^(t), log pi^(t-Delta)) for every candidate
-    -> AutoNPO.decide: Delta* = argmax Q_hat / exp(beta K_hat) -> guides = first verified-correct response per prompt
+    -> AutoNPO.decide: Delta* = argmax Q_hat / exp(beta K_hat) -> guides = the first verified-correct response(s) of
+       each chosen prompt (up to algo.guide_slots, in sampling order)
 
 The embedded runner (npo.runtime.runner) and the service-mode controller (services/controller/engine.py) both run
 this function; they differ only in their ports: where the mistakes are read, how pi^(t) samples, how a checkpoint
@@ -20,6 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from npo.core.autonpo import AutoNPO, AutoNPODecision, CandidateEstimate, TriggerReading, mean_token_kl
+from npo.core.config import GuideSelect
+from npo.core.gate import select_guides
 from npo.core.seeds import derive_seed
 from npo.core.types import Problem, Sample
 
@@ -52,7 +55,8 @@ class ProbeResult:
     candidates: tuple[CandidateEstimate, ...] = ()
     decision: AutoNPODecision | None = None
     guides: list[Sample] = field(default_factory=list)
-    """The first verified-correct probe response of each prompt of decision.prompt_ids (the guides of step t)."""
+    """The first verified-correct probe responses (up to guide_slots) of each prompt of decision.prompt_ids, in
+    sampling order, a prompt's consecutive (the guides of step t)."""
 
 
 def run_probe(
@@ -65,6 +69,7 @@ def run_probe(
     seed: int,
     correct_threshold: float,
     reading: TriggerReading | None,
+    guide_slots: int = 1,
 ) -> ProbeResult:
     """Probe pi^(step) on the mistake pool and let AutoNPO decide; an empty probe set starts a window's cool-down.
 
@@ -94,7 +99,7 @@ def run_probe(
     with guarded() as autonpo:
         decision = autonpo.decide(step, mistakes, solved, kl_by_delta, mean_len, reading)
         candidates = autonpo.last_candidates
-    guides = [] if decision is None else _guides(groups, decision.prompt_ids, correct_threshold)
+    guides = [] if decision is None else _guides(groups, decision.prompt_ids, correct_threshold, guide_slots)
     return ProbeResult(step, None, picked, groups, solved, candidates, decision, guides)
 
 
@@ -109,6 +114,6 @@ def _mean_kl(ports: ProbePorts, past_step: int, flat: list[tuple[list[int], Samp
     return mean_token_kl([s.logprobs for _, s in flat], past, estimator)
 
 
-def _guides(groups: list[list[Sample]], prompt_ids: Sequence[str], correct_threshold: float) -> list[Sample]:
+def _guides(groups: list[list[Sample]], prompt_ids: Sequence[str], correct_threshold: float, k: int) -> list[Sample]:
     by_prompt = {g[0].prompt_id: g for g in groups}
-    return [next(s for s in by_prompt[p] if s.reward >= correct_threshold) for p in prompt_ids]
+    return select_guides([by_prompt[p] for p in prompt_ids], correct_threshold, GuideSelect.FIRST, k)

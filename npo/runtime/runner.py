@@ -39,7 +39,7 @@ import torch
 
 from npo.core.autonpo import AutoNPO
 from npo.core.config import Method
-from npo.core.gate import build_mixed_groups, group_pass_rate, select_guides, should_replace
+from npo.core.gate import build_mixed_groups, group_pass_rate, guide_lists, select_guides, should_replace
 from npo.core.interventions import (
     InterventionPlan,
     autonpo_plan,
@@ -214,7 +214,7 @@ class Runner:
         self._sinks: Sinks | None = None  # TensorBoard / metrics.csv / W&B (cfg.logging): _open_sinks
         self._resumed = False
         self.guide_source = make_guide_source(cfg, policy, task.train, self._verify, self._record)
-        self._near_future = NearFutureGuides(store, self.run, lambda: self.segment.guide_step)
+        self._near_future = NearFutureGuides(store, self.run, lambda: self.segment.guide_step, cfg.algo.guide_slots)
         self._probe_ports = ProbePorts(
             mistakes=lambda lo, hi: self.store.get_mistakes(self.run, lo, hi),
             sample=self._probe_sample,
@@ -347,6 +347,7 @@ class Runner:
             is_correction=is_correction,
             rollout_logprobs=lambda samples: self._score_now(prompt_ids, samples),
             gate_mode=cfg.algo.gate_mode,
+            guide_slots=cfg.algo.guide_slots,
         )
         refused_before = getattr(self.learner, "nonfinite_skipped", 0)
         metrics = self.learner.train_step(mixed, prompt_ids)
@@ -376,8 +377,8 @@ class Runner:
             self.store.record_mistakes(self.run, t, failed)
         return pass_rates
 
-    def _step_guides(self, t: int, gated: list[str]) -> dict[str, Sample]:
-        """The gated prompts' guides: an NPO segment's cached ones, else the configured source's."""
+    def _step_guides(self, t: int, gated: list[str]) -> dict[str, list[Sample]]:
+        """The gated prompts' guide lists: an NPO segment's cached ones, else the configured source's."""
         source = self._near_future if self.segment.npo and gated else self.guide_source
         return source.guides(t, gated)
 
@@ -456,16 +457,17 @@ class Runner:
             entry["phase"] = "done"
 
     def _make_guides(self, problems: list[Problem], guide_step: int) -> int:
-        """Sample guide_samples responses per prompt with the current policy pi^(guide_step); cache the first
-        verified-correct one of each prompt (algo.guide_select picks which). Returns how many prompts got a guide."""
+        """Sample guide_samples responses per prompt with the current policy pi^(guide_step); cache up to
+        algo.guide_slots verified-correct ones of each prompt (algo.guide_select picks which, in which order). Returns
+        how many prompts got a guide."""
         cfg = self.cfg
         prompts = [self.policy.encode_prompt(p) for p in problems]
         seed = derive_seed(cfg.seed, "guides", guide_step)
         groups = self._sample(problems, prompts, cfg.npo.guide_samples, seed, guide_step)
-        guides = select_guides(groups, cfg.algo.correct_threshold, cfg.algo.guide_select)
+        guides = select_guides(groups, cfg.algo.correct_threshold, cfg.algo.guide_select, cfg.algo.guide_slots)
         if guides:
             self.store.put_guides(self.run, guide_step, guides)
-        return len(guides)
+        return len(guide_lists(guides))
 
     # ------------------------------------------------------------------------------------------------------------
     # AutoNPO: the probe (npo.runtime.probe) with this process's ports, then the rollback and the replay.
@@ -483,6 +485,7 @@ class Runner:
             seed=self.cfg.seed,
             correct_threshold=self.cfg.algo.correct_threshold,
             reading=reading,
+            guide_slots=self.cfg.algo.guide_slots,
         )
         if result.reason is not None:
             return
@@ -509,7 +512,7 @@ class Runner:
         self._rollback(plan.rollback_step)
         self.segment = Segment("autonpo_replay", True, plan.guide_step, plan.replay_end)
         event = {"kind": "autonpo", "event": "rollback", "step": t, "to_step": plan.rollback_step, "delta": delta}
-        self._record({**event, "guides": len(guides), "plan": plan.to_dict()})
+        self._record({**event, "guides": len(guide_lists(guides)), "plan": plan.to_dict()})
 
     def _probe_sample(self, problems: list[Problem], n: int, step: int) -> list[list[Sample]]:
         prompts = [self.policy.encode_prompt(p) for p in problems]
@@ -571,7 +574,8 @@ class Runner:
         guides = []
         if self.segment.npo:
             ids = sorted({p.prompt_id for s in range(step, self.segment.end) for p in self.sampler.batch(s)})
-            guides = [sample_to_json(g) for g in self.store.get_guides(self.run, self.segment.guide_step, ids).values()]
+            lists = self.store.get_guide_lists(self.run, self.segment.guide_step, ids, self.cfg.algo.guide_slots)
+            guides = [sample_to_json(g) for prompt_guides in lists.values() for g in prompt_guides]
 
         def write_model(folder: Path) -> None:
             from transformers.utils import logging as hf_logging

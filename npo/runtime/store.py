@@ -6,8 +6,10 @@ embedded runtime on an embedded Redis-protocol server). Both keep samples as the
 (`sample_to_json` / `sample_from_json`, never pickle) and behave identically, ties included.
 
 Every key lives in a run namespace `run`, so two runs never see each other's guides or mistakes:
-- guides: `put_guides(run, t, samples)` stores the verified responses of the guide policy pi^(t); the NPO segment
-  reads them back with `get_guides(run, t, prompt_ids)` for its gated prompts.
+- guides: `put_guides(run, t, samples)` stores the verified responses of the guide policy pi^(t), an ordered list
+  of guides per prompt (several samples of one prompt in a batch are its list, in batch order; algo.guide_slots k
+  > 1 uses them); the NPO segment reads them back for its gated prompts with `get_guide_lists(run, t, prompt_ids,
+  k)` (each prompt's first k) or `get_guides(run, t, prompt_ids)` (each prompt's first guide, the k = 1 reader).
 - mistake pool B: `record_mistakes(run, step, prompt_ids)` notes prompts that failed at `step` (a prompt's latest
   record wins); AutoNPO reads B_Delta = `get_mistakes(run, t - Delta, t)`; a rollback to s forgets the records of
   the abandoned future with `truncate_mistakes(run, s)`. The pool keeps at most `max_mistakes` prompts, evicting
@@ -96,22 +98,29 @@ def check_prompt_ids(name: str, prompt_ids: Sequence[str]) -> list[str]:
     return list(prompt_ids)
 
 
-def check_guides(guides: Sequence[Sample], encode: Callable[[Sample], Any] = sample_to_json) -> dict[str, Any]:
-    """Serialise a batch of guides to {prompt_id: encode(guide)} (JSON text by default; a later guide for the same
-    prompt wins).
+def check_guides(guides: Sequence[Sample], encode: Callable[[Sample], Any] = sample_to_json) -> dict[str, list[Any]]:
+    """Serialise a batch of guides to {prompt_id: [encode(guide), ...]} (JSON text by default): each prompt's guides
+    in batch order, prompts in the order of their first guide.
 
     Raises ValueError naming `guides[i]` for an item that is not a Sample or has an empty prompt_id.
     """
     if not isinstance(guides, Sequence):
         raise ValueError(f"guides: expected a sequence of Samples, got {type(guides).__name__}")
-    encoded: dict[str, Any] = {}
+    encoded: dict[str, list[Any]] = {}
     for i, guide in enumerate(guides):
         if not isinstance(guide, Sample):
             raise ValueError(f"guides[{i}]: expected a Sample, got {type(guide).__name__}")
         if not isinstance(guide.prompt_id, str) or not guide.prompt_id:
             raise ValueError(f"guides[{i}].prompt_id: expected a non-empty prompt id, got {guide.prompt_id!r}")
-        encoded[guide.prompt_id] = encode(guide)
+        encoded.setdefault(guide.prompt_id, []).append(encode(guide))
     return encoded
+
+
+def check_k(k: int) -> int:
+    """Return `k` (guides wanted per prompt) if it is a positive int, else raise ValueError naming `k`."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k: expected a positive number of guides per prompt, got {k!r}")
+    return k
 
 
 def check_max_mistakes(max_mistakes: int) -> int:
@@ -131,15 +140,21 @@ def oldest_first(mistakes: dict[str, int]) -> list[str]:
 
 @runtime_checkable
 class GuideStore(Protocol):
-    """Guides by (run, guide_step, prompt_id) and the mistake pool by (run, prompt_id) -> step."""
+    """Guides by (run, guide_step, prompt_id) -> an ordered list, and the mistake pool by (run, prompt_id) -> step."""
 
     def put_guides(self, run: str, guide_step: int, guides: Sequence[Sample]) -> int:
-        """Store `guides` under guide step `guide_step`, keyed by prompt_id (replacing earlier ones); all or none
-        are written. Returns the number of distinct prompt ids written (0 for an empty batch, which writes nothing)."""
+        """Store `guides` under guide step `guide_step`, keyed by prompt_id: the guides of one prompt in the batch
+        become its list, in batch order, replacing the list stored earlier; all or none are written. Returns the
+        number of distinct prompt ids written (0 for an empty batch, which writes nothing)."""
         ...
 
     def get_guides(self, run: str, guide_step: int, prompt_ids: Sequence[str]) -> dict[str, Sample]:
-        """The stored guides of `prompt_ids` at `guide_step`; ids without a guide are absent from the result."""
+        """The first stored guide of each of `prompt_ids` at `guide_step`; ids without a guide are absent."""
+        ...
+
+    def get_guide_lists(self, run: str, guide_step: int, prompt_ids: Sequence[str], k: int) -> dict[str, list[Sample]]:
+        """The first min(k, stored) guides of each of `prompt_ids` at `guide_step`, in stored order (k >= 1); ids
+        without a guide are absent. With k = 1 each list holds get_guides' guide."""
         ...
 
     def guide_steps(self, run: str) -> list[int]:
@@ -147,7 +162,7 @@ class GuideStore(Protocol):
         ...
 
     def delete_guides(self, run: str, guide_step: int) -> int:
-        """Forget every guide of `guide_step`; returns how many were deleted."""
+        """Forget every guide of `guide_step`; returns how many guides (all of every prompt's list) were deleted."""
         ...
 
     def record_mistakes(self, run: str, step: int, prompt_ids: Sequence[str]) -> None:
@@ -164,7 +179,8 @@ class GuideStore(Protocol):
         ...
 
     def stats(self, run: str) -> dict[str, Any]:
-        """{"guide_steps": {guide_step: count}, "guides": total guides, "mistakes": prompts in the pool}."""
+        """{"guide_steps": {guide_step: count}, "guides": total guides, "mistakes": prompts in the pool}; a prompt
+        with a list of m guides counts m."""
         ...
 
     def clear_run(self, run: str) -> None:
@@ -182,7 +198,7 @@ class MemoryGuideStore:
 
     def __init__(self, *, max_mistakes: int = 4096) -> None:
         self.max_mistakes = check_max_mistakes(max_mistakes)
-        self._guides: dict[str, dict[int, dict[str, str]]] = {}  # run -> guide_step -> prompt_id -> JSON
+        self._guides: dict[str, dict[int, dict[str, list[str]]]] = {}  # run -> guide_step -> prompt_id -> [JSON]
         self._mistakes: dict[str, dict[str, int]] = {}  # run -> prompt_id -> step
         self._lock = threading.Lock()
 
@@ -199,13 +215,20 @@ class MemoryGuideStore:
 
     def get_guides(self, run: str, guide_step: int, prompt_ids: Sequence[str]) -> dict[str, Sample]:
         """See GuideStore.get_guides."""
+        return {
+            prompt_id: guides[0] for prompt_id, guides in self.get_guide_lists(run, guide_step, prompt_ids, 1).items()
+        }
+
+    def get_guide_lists(self, run: str, guide_step: int, prompt_ids: Sequence[str], k: int) -> dict[str, list[Sample]]:
+        """See GuideStore.get_guide_lists."""
         check_run(run)
         check_step("guide_step", guide_step)
         wanted = check_prompt_ids("prompt_ids", prompt_ids)
+        check_k(k)
         with self._lock:
             stored = self._guides.get(run, {}).get(guide_step, {})
-            found = {prompt_id: stored[prompt_id] for prompt_id in wanted if prompt_id in stored}
-        return {prompt_id: sample_from_json(text) for prompt_id, text in found.items()}
+            found = {prompt_id: stored[prompt_id][:k] for prompt_id in wanted if prompt_id in stored}
+        return {prompt_id: [sample_from_json(text) for text in texts] for prompt_id, texts in found.items()}
 
     def guide_steps(self, run: str) -> list[int]:
         """See GuideStore.guide_steps."""
@@ -218,7 +241,7 @@ class MemoryGuideStore:
         check_run(run)
         check_step("guide_step", guide_step)
         with self._lock:
-            return len(self._guides.get(run, {}).pop(guide_step, {}))
+            return sum(map(len, self._guides.get(run, {}).pop(guide_step, {}).values()))
 
     def record_mistakes(self, run: str, step: int, prompt_ids: Sequence[str]) -> None:
         """See GuideStore.record_mistakes."""
@@ -261,7 +284,7 @@ class MemoryGuideStore:
         """See GuideStore.stats."""
         check_run(run)
         with self._lock:
-            counts = {step: len(batch) for step, batch in sorted(self._guides.get(run, {}).items())}
+            counts = {step: sum(map(len, lists.values())) for step, lists in sorted(self._guides.get(run, {}).items())}
             mistakes = len(self._mistakes.get(run, {}))
         return {"guide_steps": counts, "guides": sum(counts.values()), "mistakes": mistakes}
 

@@ -52,7 +52,7 @@ from typing import Any
 
 from npo.core.autonpo import AutoNPO
 from npo.core.config import AutoNPOConfig, from_dict, to_dict
-from npo.core.gate import select_guides
+from npo.core.gate import guide_lists, select_guides
 from npo.core.interventions import early_bootstrap_plan, plateau_breakthrough_plan
 from npo.core.seeds import derive_seed
 from npo.core.types import Problem, Sample
@@ -521,7 +521,8 @@ class Controller:
         problems = list({p.prompt_id: p for s in replay for p in self.sampler.batch(s)}.values())
         self._load_policy(iv, guide_step, path)
         groups = self._sample(iv, problems, self.cfg.npo.guide_samples, "guides", guide_step)
-        guides = select_guides(groups, self.cfg.algo.correct_threshold, self.cfg.algo.guide_select)
+        algo = self.cfg.algo
+        guides = select_guides(groups, algo.correct_threshold, algo.guide_select, algo.guide_slots)
         if guides:
             self._cmd(
                 iv,
@@ -529,7 +530,7 @@ class Controller:
                 {"guide_step": guide_step, "guides": len(guides)},
                 lambda: self.cache.put_guides(self.run, guide_step, guides),
             )
-        return len(guides)
+        return len(guide_lists(guides))
 
     def _rollback_to(self, iv: str, step: int) -> None:
         self._cmd(iv, "Learner.Rollback", {"to_step": step}, lambda: self.learner.rollback(step), retry=True)
@@ -605,6 +606,7 @@ class Controller:
             seed=self.cfg.seed,
             correct_threshold=self.cfg.algo.correct_threshold,
             reading=trigger,
+            guide_slots=self.cfg.algo.guide_slots,
         )
         if result.reason == "no_candidates":
             with self._lock:
@@ -631,7 +633,7 @@ class Controller:
             self._save_autonpo()  # the cool-down the probe set survives a restart during the replay
         self._rollback_to(iv, t - decision.delta)
         replay = self._start(iv, t - decision.delta, decision.delta, "npo", guide_step=t, label="autonpo_replay")
-        outcome = {"intervened": True, "delta": decision.delta, "guides": len(result.guides), **probed}
+        outcome = {"intervened": True, "delta": decision.delta, "guides": len(guide_lists(result.guides)), **probed}
         return self._replay_rest(iv, replay, t, end, outcome)
 
     def _autonpo_done(self, iv: str, end: int | None, outcome: dict[str, Any]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ ConnectionError. One line is logged when a call starts waiting and one when it s
 are those the .proto marks IDEMPOTENT or NO_SIDE_EFFECTS, and sending one of them again never doubles anything (the
 stored state after two deliveries is the state after one; tests/test_guidance_cache_service.py checks it):
 - PutGuides: HSET of the same values under the same keys + ZADD of the same step, in one transaction; a put of the
-  same guides again changes nothing (the guide of a prompt is replaced, never appended).
+  same guides again changes nothing (the guide list of a prompt is replaced, never appended to).
 - RecordMistakes: ZADD prompt -> step, a prompt's record replaced by the same one; the trim to max_mistakes gives
   the same pool.
 - ClearRun: deleting what is already deleted changes nothing.
@@ -86,6 +86,13 @@ def wire_prompt_ids(name: str, prompt_ids: Sequence[str]) -> list[str]:
     return list(prompt_ids)
 
 
+def wire_k(k: int) -> int:
+    """`k` if it is an int >= 1 (guides per prompt), else ValueError naming `k` (0 would mean 1 on the wire)."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < 2**63:
+        raise ValueError(f"k: expected a positive number of guides per prompt, got {k!r}")
+    return k
+
+
 def wire_guides(guides: Sequence[Sample]) -> list[Any]:
     """The guides as npo.v1.Sample messages; ValueError naming `guides` or `guides[i]` for one that cannot travel
     (not a Sample, a token id that is not an int32, a log-prob that is not a float)."""
@@ -106,9 +113,12 @@ def wire_guides(guides: Sequence[Sample]) -> list[Any]:
 # Replies back to the store's types.
 
 
-def guides_from_reply(reply: pb.GetGuidesResponse) -> dict[str, Sample]:
-    """{prompt_id: Sample} of a GetGuidesResponse, in its order."""
-    return {m.prompt_id: sample_from_message(m, f"guides[{i}]") for i, m in enumerate(reply.guides)}
+def guides_from_reply(reply: pb.GetGuidesResponse) -> dict[str, list[Sample]]:
+    """{prompt_id: [Sample, ...]} of a GetGuidesResponse, prompts and each prompt's guides in its order."""
+    lists: dict[str, list[Sample]] = {}
+    for i, message in enumerate(reply.guides):
+        lists.setdefault(message.prompt_id, []).append(sample_from_message(message, f"guides[{i}]"))
+    return lists
 
 
 def mistakes_from_reply(reply: pb.GetMistakesResponse) -> dict[str, int]:
@@ -194,6 +204,19 @@ class GuidanceCacheClient(ServiceClient):
             run=wire_run(run),
             guide_step=wire_step("guide_step", guide_step),
             prompt_ids=wire_prompt_ids("prompt_ids", prompt_ids),
+        )
+        return {
+            prompt_id: guides[0] for prompt_id, guides in guides_from_reply(self._call("GetGuides", request)).items()
+        }
+
+    def get_guide_lists(self, run: str, guide_step: int, prompt_ids: Sequence[str], k: int) -> dict[str, list[Sample]]:
+        """See npo.runtime.store.GuideStore.get_guide_lists (one call; a server older than lists answers the first
+        guide of each prompt)."""
+        request = pb.GetGuidesRequest(
+            run=wire_run(run),
+            guide_step=wire_step("guide_step", guide_step),
+            prompt_ids=wire_prompt_ids("prompt_ids", prompt_ids),
+            k=wire_k(k),
         )
         return guides_from_reply(self._call("GetGuides", request))
 

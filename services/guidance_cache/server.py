@@ -41,7 +41,7 @@ from grpc_health.v1 import health_pb2
 
 from npo.core.types import Sample
 from npo.runtime.store import GuideStore
-from services.codec import check_guide, sample_from_message, sample_to_message
+from services.codec import check_guide, frame_samples, sample_from_message, sample_to_message
 from services.grpc_common import DEFAULT_MAX_MESSAGE_BYTES, add_health, bind, host_of, make_server, serve_forever
 from services.proto.npo.v1 import guidance_cache_pb2 as pb
 from services.proto.npo.v1 import guidance_cache_pb2_grpc as pb_grpc
@@ -70,26 +70,22 @@ def guides_from_request(request: pb.PutGuidesRequest) -> list[Sample]:
     return guides
 
 
-def guides_reply(guides: dict[str, Sample]) -> pb.GetGuidesResponse:
-    """GetGuidesResponse listing `guides` in their order."""
-    return pb.GetGuidesResponse(guides=[sample_to_message(sample) for sample in guides.values()])
+def guides_reply(guides: dict[str, list[Sample]]) -> pb.GetGuidesResponse:
+    """GetGuidesResponse listing the prompts' guide lists in their order, each list's guides consecutive."""
+    return pb.GetGuidesResponse(guides=[sample_to_message(s) for samples in guides.values() for s in samples])
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, value = value & 0x7F, value >> 7
-        if value:
-            out.append(low | 0x80)
-        else:
-            out.append(low)
-            return bytes(out)
+def guides_per_prompt(request: pb.GetGuidesRequest) -> int:
+    """The k of a GetGuidesRequest: 0 (unset: an older client) reads as 1; ValueError naming `k` when negative."""
+    if request.k < 0:
+        raise ValueError(f"k: expected a non-negative number of guides per prompt, got {request.k}")
+    return max(request.k, 1)
 
 
 def raw_guides_reply(serialized: list[bytes]) -> bytes:
     """The serialized GetGuidesResponse whose `guides` (field 1) are the given serialized npo.v1.Sample messages, in
     order: each entry is the field's tag, its length and the bytes, so nothing is parsed or copied per field."""
-    return b"".join(b"\x0a" + _varint(len(s)) + s for s in serialized)
+    return frame_samples(serialized)
 
 
 def serialize_reply(reply: Message | bytes) -> bytes:
@@ -151,10 +147,10 @@ class GuidanceCacheServicer(pb_grpc.GuidanceCacheServiceServicer):
         return pb.PutGuidesResponse(written=written)
 
     def GetGuides(self, request: pb.GetGuidesRequest, context: grpc.ServicerContext) -> pb.GetGuidesResponse | bytes:
-        raw = getattr(self.store, "get_guides_raw", None)
+        k, raw = guides_per_prompt(request), getattr(self.store, "get_guides_raw", None)
         if raw is not None:  # stored protobuf bytes: the reply is their concatenation as field 1, sent as it is
-            return raw_guides_reply(raw(request.run, request.guide_step, list(request.prompt_ids)))
-        return guides_reply(self.store.get_guides(request.run, request.guide_step, list(request.prompt_ids)))
+            return raw_guides_reply(raw(request.run, request.guide_step, list(request.prompt_ids), k))
+        return guides_reply(self.store.get_guide_lists(request.run, request.guide_step, list(request.prompt_ids), k))
 
     def ListGuideSteps(
         self, request: pb.ListGuideStepsRequest, context: grpc.ServicerContext

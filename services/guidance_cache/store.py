@@ -1,14 +1,19 @@
 """RedisGuideStore: the GuideStore (npo/runtime/store.py) on a Redis-protocol server, through redis-py.
 
 Keys of one run (`run` is used verbatim; steps are decimal integers, so two runs' keys never collide):
-- `{prefix}:{run}:guides:{guide_step}`  hash prompt_id -> the guide as a serialized npo.v1.Sample protobuf
-                                         (values in the older JSON form, npo.runtime.store.sample_to_json, are
-                                         still read)
+- `{prefix}:{run}:guides:{guide_step}`  hash prompt_id -> the prompt's first guide as a serialized npo.v1.Sample
+                                         protobuf (values in the older JSON form, npo.runtime.store.sample_to_json,
+                                         are still read)
+- `{prefix}:{run}:guides:{guide_step}:more`  hash prompt_id -> the prompt's further guides (2nd, 3rd, ...; only for
+                                         a prompt given several), their Sample protobufs framed as repeated field 1
+                                         (services.codec.frame_samples: the bytes of a GetGuidesResponse)
 - `{prefix}:{run}:guide_steps`           sorted set of guide steps (member = score = the step)
 - `{prefix}:{run}:mistakes`              sorted set prompt_id, scored by the step it last failed at
 
-A read is one round trip (get_guides is one HMGET). Storing the protobuf bytes lets the gRPC service answer
-GetGuides by concatenating them (`get_guides_raw`), with no per-guide work in Python. A write that touches several
+A read is one round trip (get_guides is one HMGET; get_guide_lists with k > 1 one MULTI of two HMGETs). Storing
+the protobuf bytes lets the gRPC service answer GetGuides by concatenating them (`get_guides_raw`), with no
+per-guide work in Python. The first guide's hash is the layout written before lists existed, so a k = 1 reader
+reads old and new data alike, and stats and delete_guides count every guide of a list. A write that touches several
 keys is one MULTI/EXEC pipeline, so a put never leaves a half-written batch and the step index never names a
 missing hash.
 
@@ -29,13 +34,14 @@ from redis.connection import parse_url
 from npo.core.types import Sample
 from npo.runtime.store import (
     check_guides,
+    check_k,
     check_max_mistakes,
     check_prompt_ids,
     check_run,
     check_step,
     sample_from_json,
 )
-from services.codec import check_guide, sample_from_message, sample_to_message
+from services.codec import check_guide, frame_samples, sample_from_message, sample_to_message, split_samples
 from services.proto.npo.v1 import common_pb2
 
 JSON_MARK = b"{"
@@ -71,6 +77,11 @@ def decode_guide(value: bytes) -> Sample:
     if value[:1] == JSON_MARK:
         return sample_from_json(value)
     return sample_from_message(guide_message(value), "stored guide")
+
+
+def _count_framed(values: Sequence[bytes]) -> int:
+    """How many guides the stored values of a `:more` hash hold together."""
+    return sum(len(split_samples(v)) for v in values)
 
 
 def _text(value: bytes | str) -> str:
@@ -166,6 +177,9 @@ class RedisGuideStore:
     def _guides_key(self, run: str, guide_step: int) -> str:
         return f"{self.prefix}:{run}:guides:{guide_step}"
 
+    def _more_key(self, run: str, guide_step: int) -> str:
+        return f"{self.prefix}:{run}:guides:{guide_step}:more"
+
     def _steps_key(self, run: str) -> str:
         return f"{self.prefix}:{run}:guide_steps"
 
@@ -191,9 +205,10 @@ class RedisGuideStore:
     # -- guides ----------------------------------------------------------------------------------------------------
 
     def put_guides(self, run: str, guide_step: int, guides: Sequence[Sample]) -> int:
-        """See npo.runtime.store.GuideStore.put_guides (one MULTI: HSET of the batch + ZADD of the step). A guide the
-        learner could not train on (services.codec.check_guide: NaN/inf or positive log-probs, a NaN reward, a
-        negative token id, an empty response) is refused with a ValueError before anything is written."""
+        """See npo.runtime.store.GuideStore.put_guides (one MULTI: HSET of the first guides, HSET of the further
+        guides of prompts given several and HDEL of those of the others, ZADD of the step). A guide the learner could
+        not train on (services.codec.check_guide: NaN/inf or positive log-probs, a NaN reward, a negative token id, an
+        empty response) is refused with a ValueError before anything is written."""
         check_run(run)
         check_step("guide_step", guide_step)
         for i, guide in enumerate(guides if isinstance(guides, Sequence) else ()):
@@ -202,8 +217,14 @@ class RedisGuideStore:
         encoded = check_guides(guides, encode_guide)
         if not encoded:
             return 0
+        more = {prompt_id: frame_samples(values[1:]) for prompt_id, values in encoded.items() if len(values) > 1}
+        single = [prompt_id for prompt_id, values in encoded.items() if len(values) == 1]
         with self._errors(), self._client.pipeline(transaction=True) as pipe:
-            pipe.hset(self._guides_key(run, guide_step), mapping=encoded)
+            pipe.hset(self._guides_key(run, guide_step), mapping={p: values[0] for p, values in encoded.items()})
+            if more:
+                pipe.hset(self._more_key(run, guide_step), mapping=more)
+            if single:
+                pipe.hdel(self._more_key(run, guide_step), *single)
             pipe.zadd(self._steps_key(run), {str(guide_step): guide_step})
             pipe.execute()
         return len(encoded)
@@ -218,16 +239,52 @@ class RedisGuideStore:
         values = self._hmget(run, guide_step, wanted)
         return {prompt_id: decode_guide(v) for prompt_id, v in zip(wanted, values, strict=True) if v is not None}
 
-    def get_guides_raw(self, run: str, guide_step: int, prompt_ids: Sequence[str]) -> list[bytes]:
-        """The stored guides of get_guides as npo.v1.Sample protobuf bytes, in the order of the first request of
-        their prompt id, absent ones left out (one HMGET; values in the JSON form are converted)."""
+    def get_guide_lists(self, run: str, guide_step: int, prompt_ids: Sequence[str], k: int) -> dict[str, list[Sample]]:
+        """See npo.runtime.store.GuideStore.get_guide_lists (k = 1: one HMGET; else one MULTI of two HMGETs)."""
         check_run(run)
         check_step("guide_step", guide_step)
         wanted = list(dict.fromkeys(check_prompt_ids("prompt_ids", prompt_ids)))
+        check_k(k)
+        if not wanted:
+            return {}
+        firsts, mores = self._lists(run, guide_step, wanted, k)
+        return {
+            prompt_id: [decode_guide(first), *(decode_guide(v) for v in more)]
+            for prompt_id, first, more in zip(wanted, firsts, mores, strict=True)
+            if first is not None
+        }
+
+    def get_guides_raw(self, run: str, guide_step: int, prompt_ids: Sequence[str], k: int = 1) -> list[bytes]:
+        """The stored guides of get_guide_lists (k = 1: of get_guides) as npo.v1.Sample protobuf bytes, prompts in
+        the order of their first request and each prompt's guides in stored order, absent ones left out (k = 1: one
+        HMGET; values in the JSON form are converted)."""
+        check_run(run)
+        check_step("guide_step", guide_step)
+        wanted = list(dict.fromkeys(check_prompt_ids("prompt_ids", prompt_ids)))
+        check_k(k)
         if not wanted:
             return []
-        values = self._hmget(run, guide_step, wanted)
-        return [v if v[:1] != JSON_MARK else guide_message(v).SerializeToString() for v in values if v is not None]
+        firsts, mores = self._lists(run, guide_step, wanted, k)
+        raw = []
+        for first, more in zip(firsts, mores, strict=True):
+            if first is not None:
+                raw.append(first if first[:1] != JSON_MARK else guide_message(first).SerializeToString())
+                raw.extend(more)
+        return raw
+
+    def _lists(
+        self, run: str, guide_step: int, wanted: list[str], k: int
+    ) -> tuple[list[bytes | None], list[list[bytes]]]:
+        """Per wanted prompt: the first guide's stored value (None: no guide) and at most k - 1 further guides'
+        Sample bytes."""
+        if k == 1:
+            return self._hmget(run, guide_step, wanted), [[] for _ in wanted]
+        with self._errors(), self._client.pipeline(transaction=True) as pipe:
+            pipe.hmget(self._guides_key(run, guide_step), wanted)
+            pipe.hmget(self._more_key(run, guide_step), wanted)
+            firsts, mores = pipe.execute()
+        firsts = [v.encode() if isinstance(v, str) else v for v in firsts]
+        return firsts, [split_samples(m)[: k - 1] if m and f is not None else [] for f, m in zip(firsts, mores)]
 
     def _hmget(self, run: str, guide_step: int, wanted: list[str]) -> list[bytes | None]:
         with self._errors():
@@ -242,16 +299,17 @@ class RedisGuideStore:
         return sorted(int(m) for m in members)
 
     def delete_guides(self, run: str, guide_step: int) -> int:
-        """See npo.runtime.store.GuideStore.delete_guides (one MULTI: HLEN + DEL + ZREM)."""
+        """See npo.runtime.store.GuideStore.delete_guides (one MULTI: HLEN, HVALS of the further guides, DEL, ZREM)."""
         check_run(run)
         check_step("guide_step", guide_step)
-        key = self._guides_key(run, guide_step)
+        key, more = self._guides_key(run, guide_step), self._more_key(run, guide_step)
         with self._errors(), self._client.pipeline(transaction=True) as pipe:
             pipe.hlen(key)
-            pipe.delete(key)
+            pipe.hvals(more)
+            pipe.delete(key, more)
             pipe.zrem(self._steps_key(run), str(guide_step))
-            count, _, _ = pipe.execute()
-        return int(count)
+            count, further, _, _ = pipe.execute()
+        return int(count) + _count_framed(further)
 
     # -- mistake pool ----------------------------------------------------------------------------------------------
 
@@ -295,16 +353,19 @@ class RedisGuideStore:
         with self._errors(), self._client.pipeline(transaction=True) as pipe:
             for step in steps:
                 pipe.hlen(self._guides_key(run, step))
+                pipe.hvals(self._more_key(run, step))
             pipe.zcard(self._mistakes_key(run))
-            *lengths, mistakes = pipe.execute()
-        counts = {step: int(n) for step, n in zip(steps, lengths, strict=True) if n}
+            *replies, mistakes = pipe.execute()
+        lengths = [int(n) + _count_framed(further) for n, further in zip(replies[::2], replies[1::2], strict=True)]
+        counts = {step: n for step, n in zip(steps, lengths, strict=True) if n}
         return {"guide_steps": counts, "guides": sum(counts.values()), "mistakes": int(mistakes)}
 
     def clear_run(self, run: str) -> None:
         """See npo.runtime.store.GuideStore.clear_run (one DEL of every key of the run)."""
         check_run(run)
         steps = self.guide_steps(run)
-        keys = [self._guides_key(run, step) for step in steps] + [self._steps_key(run), self._mistakes_key(run)]
+        keys = [key for step in steps for key in (self._guides_key(run, step), self._more_key(run, step))]
+        keys += [self._steps_key(run), self._mistakes_key(run)]
         with self._errors():
             self._client.delete(*keys)
 

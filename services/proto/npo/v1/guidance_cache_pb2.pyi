@@ -24,14 +24,16 @@ class PutGuidesResponse(_message.Message):
     def __init__(self, written: _Optional[int] = ...) -> None: ...
 
 class GetGuidesRequest(_message.Message):
-    __slots__ = ("run", "guide_step", "prompt_ids")
+    __slots__ = ("run", "guide_step", "prompt_ids", "k")
     RUN_FIELD_NUMBER: _ClassVar[int]
     GUIDE_STEP_FIELD_NUMBER: _ClassVar[int]
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
     run: str
     guide_step: int
     prompt_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, run: _Optional[str] = ..., guide_step: _Optional[int] = ..., prompt_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    k: int
+    def __init__(self, run: _Optional[str] = ..., guide_step: _Optional[int] = ..., prompt_ids: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ...) -> None: ...
 
 class GetGuidesResponse(_message.Message):
     __slots__ = ("guides",)

@@ -87,15 +87,16 @@ class GuidanceCacheServiceServicer:
     """
 
     def PutGuides(self, request, context):
-        """Store a batch of guides under one guide step, keyed by prompt_id (a later guide of the same prompt replaces
-        an earlier one, also within the batch). All or none are written, in one Redis transaction.
+        """Store a batch of guides under one guide step, keyed by prompt_id: the guides of one prompt in the batch become
+        its list, in batch order, replacing the list stored earlier. All or none are written, in one Redis transaction.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetGuides(self, request, context):
-        """The stored guides of a batch of prompt ids at one guide step, read in one Redis round trip.
+        """The stored guides of a batch of prompt ids at one guide step (each prompt's first k), read in one Redis round
+        trip.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
