@@ -369,6 +369,7 @@ def test_first_warning_replays_the_trigger_on_a_twin(grid):
     assert first_warning(twin, steep, horizon=10) is None  # the rows end at step 5
     assert first_warning(twin, AutoNPOConfig(**{**vars(steep), "require_entropy_drop": False}), T) == 2
     assert first_warning(twin, cfg, horizon=1) is None  # past the horizon nothing is replayed
+    assert first_warning(twin, cfg, T, every=3) == 3  # read at checkpoint steps only (warnings at 2, 3, 4)
 
 
 def test_trigger_section_of_an_autonpo_arm(grid, tmp_path):
@@ -380,7 +381,8 @@ def test_trigger_section_of_an_autonpo_arm(grid, tmp_path):
     runs = {s: write_run(tmp_path / "auto" / f"seed{s}", baseline_rows(s), seed=s) for s in (0, 1)}
     settings = {"ema_decay": 0.0, "window": 2, "entropy_drop_frac": 0.1, "min_step": 0}
     for s, run in runs.items():
-        (run.folder / "config.yaml").write_text(yaml.safe_dump({"method": "autonpo", "seed": s, "autonpo": settings}))
+        config = {"method": "autonpo", "seed": s, "autonpo": settings, "checkpoint": {"every": 2}}
+        (run.folder / "config.yaml").write_text(yaml.safe_dump(config))
         (run.folder / "interventions.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events[: 3 * (s == 0)]))
     auto = {s: load_run(runs[s].folder) for s in (0, 1)}
     spec = SPEC | {"arms": [*SPEC["arms"], {"name": "auto", "label": "AutoNPO", "description": "trigger"}]}

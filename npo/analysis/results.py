@@ -490,7 +490,8 @@ def trigger_section(res: Results) -> list[str]:
         fired = 0
         for seed, run in runs.items():
             twin = res.grid[res.baseline].get(seed)
-            warned = first_warning(twin, autonpo_config(run), res.horizon) if twin is not None else None
+            every = int((run.config.get("checkpoint") or {}).get("every", 1) or 1)
+            warned = first_warning(twin, autonpo_config(run), res.horizon, every) if twin is not None else None
             probes = [e for e in run.interventions if e.get("event") == "probe"]
             rollbacks = [e for e in run.rollbacks if e.get("kind") == "autonpo"]
             fired += bool(rollbacks)
@@ -512,8 +513,9 @@ def trigger_section(res: Results) -> list[str]:
         "",
         "first warning: AutoNPO's stage (a) (reward stagnation, and entropy decline unless "
         "autonpo.require_entropy_drop is false), with the arm's settings, replayed on its baseline twin's training "
-        "rows (the two runs are identical until the first intervention, so this is where the arm first probes). A "
-        "probe is declined when no candidate Delta reaches autonpo.q_min; the next probe waits a window.",
+        "rows and read at checkpoint steps as the trainer reads it (the two runs are identical until the first "
+        "intervention, so this is where the arm first probes). A probe is declined when no candidate Delta reaches "
+        "autonpo.q_min; the next probe waits a window.",
         "",
         markdown_table([*header, "interventions (step→rollback step)"], rows),
         "",

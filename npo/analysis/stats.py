@@ -230,9 +230,10 @@ def autonpo_config(run: RunData) -> AutoNPOConfig | None:
     return AutoNPOConfig(**{k: v for k, v in section.items() if k in known})
 
 
-def first_warning(run: RunData, cfg: AutoNPOConfig, horizon: int) -> int | None:
+def first_warning(run: RunData, cfg: AutoNPOConfig, horizon: int, every: int = 1) -> int | None:
     """AutoNPO's stage (a) replayed on a run's main-line training rows (reward_mean and entropy, as the trainer feeds
-    it): the first step in [cfg.min_step, horizon] whose reading raises the warning; None if none does.
+    it): the first step in [cfg.min_step, horizon] that is a multiple of `every` and whose reading raises the warning;
+    None if none does. The trainer looks at the warning only at checkpoint steps (every = checkpoint.every).
 
     On the GRPO twin of an AutoNPO run (same seed; the two are identical until the first intervention) this is the
     step where the AutoNPO run probes first, so it tells whether a trigger setting fires in a regime without running
@@ -243,7 +244,7 @@ def first_warning(run: RunData, cfg: AutoNPOConfig, horizon: int) -> int | None:
         if step > horizon:
             break
         reading = detector.observe(step, float(row["reward_mean"]), float(row["entropy"]))
-        if reading.warning and step >= cfg.min_step:
+        if reading.warning and step >= cfg.min_step and step % every == 0:
             return step
     return None
 
