@@ -355,21 +355,22 @@ def test_paired_final_and_console_summary(grid, tmp_path):
     assert windows == "    paired by window of steps: (0, 2] +15.0 ± 10.0 (2/2 > 0), (2, 4] +12.5 ± 7.5 (2/2 > 0)"
 
 
-def test_first_warning_replays_the_trigger_on_a_twin(grid):
-    from npo.analysis.stats import first_warning
+def test_first_probe_replays_the_trigger_on_a_twin(grid):
+    from npo.analysis.stats import first_probe
     from npo.core.config import AutoNPOConfig
 
     # With ema_decay 0 the EMAs are the raw values: reward 0.5 throughout (gain 0 < 0.01, stagnant), entropy
-    # 1 - 0.1 t, so over a window of 2 the relative drop at step t >= 2 is 0.2 / (1 - 0.1 (t - 2)).
+    # 1 - 0.1 t, so over a window of 2 the relative drop at step t >= 2 is 0.2 / (1 - 0.1 (t - 2)): the readings of
+    # steps 2..5 warn. The trainer probes before step t on the reading of step t - 1.
     twin = grid["grpo"][0]
     cfg = AutoNPOConfig(ema_decay=0.0, window=2, reward_gain_min=0.01, entropy_drop_frac=0.1, min_step=0)
-    assert first_warning(twin, cfg, T) == 2  # the first step with a full window: drop 0.2 >= 0.1
-    assert first_warning(twin, AutoNPOConfig(**{**vars(cfg), "min_step": 3}), T) == 3
+    assert first_probe(twin, cfg, T) == 3  # the reading of step 2 (the first full window): drop 0.2 >= 0.1
+    assert first_probe(twin, AutoNPOConfig(**{**vars(cfg), "min_step": 3}), T) == 4
     steep = AutoNPOConfig(**{**vars(cfg), "entropy_drop_frac": 0.3})  # needs 1 - 0.1 (t - 2) <= 2/3: t >= 6
-    assert first_warning(twin, steep, horizon=10) is None  # the rows end at step 5
-    assert first_warning(twin, AutoNPOConfig(**{**vars(steep), "require_entropy_drop": False}), T) == 2
-    assert first_warning(twin, cfg, horizon=1) is None  # past the horizon nothing is replayed
-    assert first_warning(twin, cfg, T, every=3) == 3  # read at checkpoint steps only (warnings at 2, 3, 4)
+    assert first_probe(twin, steep, horizon=10) is None  # the rows end at step 5
+    assert first_probe(twin, AutoNPOConfig(**{**vars(steep), "require_entropy_drop": False}), T) == 3
+    assert first_probe(twin, cfg, horizon=2) is None  # step 3 is past the horizon
+    assert first_probe(twin, cfg, T, every=2) == 4  # checkpoint steps only: the reading of step 3
 
 
 def test_trigger_section_of_an_autonpo_arm(grid, tmp_path):
@@ -389,7 +390,7 @@ def test_trigger_section_of_an_autonpo_arm(grid, tmp_path):
     text = write_results({**grid, "auto": auto}, spec, [], {}, tmp_path / "r.md", tmp_path / "figs")
     assert "## AutoNPO's trigger" in text
     rows = table_rows(text)
-    assert ["auto", "0", "2", "2 (0/8 solved, declined); 4 (3/8 solved, Delta* 2)", "4→2"] in rows
-    assert ["auto", "1", "2", "-", "-"] in rows
+    assert ["auto", "0", "4", "2 (0/8 solved, declined); 4 (3/8 solved, Delta* 2)", "4→2"] in rows
+    assert ["auto", "1", "4", "-", "-"] in rows  # checkpoint.every 2: the reading of step 3
     assert "- auto: intervened on 1/2 seeds." in text
     assert "## AutoNPO's trigger" not in write_results(grid, SPEC, [], {}, tmp_path / "g.md", tmp_path / "figs")

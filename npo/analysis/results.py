@@ -32,7 +32,7 @@ from npo.analysis.stats import (
     arm_stats,
     autonpo_config,
     crn_prefix,
-    first_warning,
+    first_probe,
     gen_share,
     mean_se,
     paired_speed,
@@ -491,7 +491,7 @@ def trigger_section(res: Results) -> list[str]:
         for seed, run in runs.items():
             twin = res.grid[res.baseline].get(seed)
             every = int((run.config.get("checkpoint") or {}).get("every", 1) or 1)
-            warned = first_warning(twin, autonpo_config(run), res.horizon, every) if twin is not None else None
+            warned = first_probe(twin, autonpo_config(run), res.horizon, every) if twin is not None else None
             probes = [e for e in run.interventions if e.get("event") == "probe"]
             rollbacks = [e for e in run.rollbacks if e.get("kind") == "autonpo"]
             fired += bool(rollbacks)
@@ -507,15 +507,15 @@ def trigger_section(res: Results) -> list[str]:
         totals.append(f"- {a}: intervened on {fired}/{len(runs)} seeds.")
     if not rows:
         return []
-    header = ["arm", "seed", "first warning on the baseline twin", "probes: step (Q: solved/probed, decision)"]
+    header = ["arm", "seed", "first probe, replayed on the baseline twin", "probes: step (Q: solved/probed, decision)"]
     return [
         "## AutoNPO's trigger",
         "",
-        "first warning: AutoNPO's stage (a) (reward stagnation, and entropy decline unless "
+        "first probe, replayed: AutoNPO's stage (a) (reward stagnation, and entropy decline unless "
         "autonpo.require_entropy_drop is false), with the arm's settings, replayed on its baseline twin's training "
-        "rows and read at checkpoint steps as the trainer reads it (the two runs are identical until the first "
-        "intervention, so this is where the arm first probes). A probe is declined when no candidate Delta reaches "
-        "autonpo.q_min; the next probe waits a window.",
+        "rows and read as the trainer reads it (before each checkpoint step, the previous step's reading); the two "
+        "runs are identical until the first intervention, so it should equal the arm's first probe. A probe is "
+        "declined when no candidate Delta reaches autonpo.q_min; the next probe then waits a window.",
         "",
         markdown_table([*header, "interventions (step→rollback step)"], rows),
         "",

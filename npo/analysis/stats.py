@@ -230,22 +230,23 @@ def autonpo_config(run: RunData) -> AutoNPOConfig | None:
     return AutoNPOConfig(**{k: v for k, v in section.items() if k in known})
 
 
-def first_warning(run: RunData, cfg: AutoNPOConfig, horizon: int, every: int = 1) -> int | None:
+def first_probe(run: RunData, cfg: AutoNPOConfig, horizon: int, every: int = 1) -> int | None:
     """AutoNPO's stage (a) replayed on a run's main-line training rows (reward_mean and entropy, as the trainer feeds
-    it): the first step in [cfg.min_step, horizon] that is a multiple of `every` and whose reading raises the warning;
-    None if none does. The trainer looks at the warning only at checkpoint steps (every = checkpoint.every).
+    it): the first step t <= horizon at which the trainer would probe, None if there is none. The trainer looks before
+    step t, only when t is a checkpoint step (t % every == 0, every = checkpoint.every), at the reading of step t - 1,
+    and probes when that reading raises the warning and t - 1 >= cfg.min_step.
 
     On the GRPO twin of an AutoNPO run (same seed; the two are identical until the first intervention) this is the
     step where the AutoNPO run probes first, so it tells whether a trigger setting fires in a regime without running
-    AutoNPO; the cool-down after a declined probe is not replayed."""
+    AutoNPO; what the probe decides is not replayed."""
     detector = PlateauDetector(cfg)
     for row in run.train_rows:
         step = int(row["step"])
-        if step > horizon:
+        if step + 1 > horizon:
             break
         reading = detector.observe(step, float(row["reward_mean"]), float(row["entropy"]))
-        if reading.warning and step >= cfg.min_step and step % every == 0:
-            return step
+        if reading.warning and step >= cfg.min_step and (step + 1) % every == 0:
+            return step + 1
     return None
 
 
