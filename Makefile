@@ -1,4 +1,4 @@
-# make run   - the demo on the embedded runtime: GRPO, NPO early+late and AutoNPO x 3 seeds, paired; runs/demo/compare.md
+# make run   - the demo on the embedded runtime: GRPO, NPO early and AutoNPO x 6 seeds, paired; runs/demo/compare.md
 # make test  - lint + the whole CPU test suite (fast and slow tests; gpu-marked tests are skipped without a GPU)
 PY ?= python3
 VENV := .venv
