@@ -14,7 +14,7 @@ import yaml
 
 from npo.analysis.runs import load_run
 from npo.core.config import ConfigError
-from services.ops.experiment import load_experiment, run_experiment, start_background
+from services.ops.experiment import load_experiment, run_dir, run_experiment, start_background, train_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,6 +106,18 @@ def test_experiment_file_errors_name_the_key(tmp_path):
     path.write_text(yaml.safe_dump(late_need))
     with pytest.raises(ConfigError, match="arms.x.needs"):
         load_experiment(path)
+
+
+def test_a_run_killed_before_its_first_complete_checkpoint_starts_anew(tmp_path):
+    exp = load_experiment(write_files(tmp_path, tmp_path / "models"))
+    arm = exp.arms[0]
+    checkpoints = run_dir(exp, arm.name, 0) / "checkpoints"
+    (checkpoints / ".step_000000.x1y2").mkdir(parents=True)  # a save's temporary folder, left by a kill
+    (checkpoints / "step_000000").mkdir()  # a step folder without its meta.json is not complete either
+    fresh = train_command(exp, arm, 0)
+    assert "--resume" not in fresh and "--config" in fresh and "seed=0" in fresh
+    (checkpoints / "step_000000" / "meta.json").write_text("{}")
+    assert train_command(exp, arm, 0)[-2:] == ["--resume", str(run_dir(exp, arm.name, 0))]
 
 
 @pytest.mark.slow

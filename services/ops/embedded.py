@@ -22,6 +22,12 @@ def _is_checkpoint(folder: Path) -> bool:
     return re.fullmatch(r"step_\d{6,}", folder.name) is not None and (folder / "meta.json").is_file()
 
 
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether `run_dir` holds a complete checkpoint that `npo train --resume` can continue from (a folder left
+    half-written by a kill during the first save does not count)."""
+    return any(_is_checkpoint(p) for p in (Path(run_dir) / "checkpoints").glob("step_*"))
+
+
 def resolve_run(config: str | None, overrides: list[str], out: str | None, resume: str | None):
     """(run config, run folder): a new run's (default folder runs/<method>-seed<seed>-<time>), or with `resume` the
     run in that folder (its config.yaml unless `config` is given). Imports no torch: a config error or a folder that
@@ -33,7 +39,7 @@ def resolve_run(config: str | None, overrides: list[str], out: str | None, resum
         if not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"--resume: {run_dir} has no config.yaml (is it a run folder?)")
         cfg = load_run_config(config or run_dir / "config.yaml", overrides)
-        if not any(_is_checkpoint(p) for p in (run_dir / "checkpoints").glob("step_*")):
+        if not has_checkpoint(run_dir):
             raise FileNotFoundError(
                 f"--resume: {run_dir} has no checkpoint to resume from (checkpoints/step_NNNNNN); start it anew: "
                 f"npo train --config {run_dir / 'config.yaml'} --out DIR"

@@ -316,9 +316,11 @@ def resolve(exp: Experiment, value: Any, seed: int) -> Any:
 
 
 def train_command(exp: Experiment, arm: Arm, seed: int) -> list[str]:
+    from services.ops.embedded import has_checkpoint
+
     folder = run_dir(exp, arm.name, seed)
     command = [sys.executable, "-m", "services.cli", "train", "--no-progress"]
-    if (folder / "checkpoints").is_dir() and any((folder / "checkpoints").iterdir()):
+    if has_checkpoint(folder):  # a run stopped before its first complete checkpoint starts anew
         return [*command, "--resume", str(folder)]
     arm_set = {k: resolve(exp, v, seed) for k, v in {**exp.set, **arm.set}.items()}  # the common set too
     overrides = overrides_for(exp, {**arm_set, "seed": seed, "run_name": f"{exp.name}-{arm.name}-seed{seed}"},
