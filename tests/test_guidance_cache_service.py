@@ -19,6 +19,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from test_store import check_guide_lists
 
 from npo.core.types import Sample
 from npo.runtime.store import GuideStore, MemoryGuideStore
@@ -155,32 +156,7 @@ def test_put_replaces_a_prompts_guide_and_counts_distinct_ids(store):
 
 
 def test_a_prompts_guides_are_an_ordered_list(store):
-    # algo.guide_slots k = 2: several guides of one prompt in a batch are its list, in batch order
-    first, second, third = (guide("a", logprobs=[-x]) for x in (1.0, 2.0, 3.0))
-    assert store.put_guides("run", 5, [first, guide("b"), second]) == 2  # distinct prompt ids
-    assert store.get_guide_lists("run", 5, ["a", "zzz", "b", "a"], 2) == {"a": [first, second], "b": [guide("b")]}
-    assert store.get_guide_lists("run", 5, ["a"], 1) == {"a": [first]}
-    assert store.get_guides("run", 5, ["a", "b"]) == {"a": first, "b": guide("b")}  # a k = 1 reader sees the first
-    assert store.stats("run") == {"guide_steps": {5: 3}, "guides": 3, "mistakes": 0}  # every guide counts
-
-    assert store.put_guides("run", 5, [third, first, second]) == 1  # replaces a's list, b's stays
-    assert store.get_guide_lists("run", 5, ["a"], 2) == {"a": [third, first]}
-    assert store.get_guide_lists("run", 5, ["a", "b"], 9) == {"a": [third, first, second], "b": [guide("b")]}
-    assert store.put_guides("run", 5, [second]) == 1  # a shorter list leaves nothing of the longer one behind
-    assert store.get_guide_lists("run", 5, ["a"], 3) == {"a": [second]}
-    assert store.stats("run")["guide_steps"] == {5: 2}
-
-    store.put_guides("run", 6, [first, second, guide("c")])
-    assert store.stats("run") == {"guide_steps": {5: 2, 6: 3}, "guides": 5, "mistakes": 0}
-    assert store.delete_guides("run", 6) == 3
-    assert store.get_guide_lists("run", 6, ["a", "c"], 2) == {}
-    store.put_guides("run", 7, [first, second])
-    store.clear_run("run")
-    assert store.stats("run") == {"guide_steps": {}, "guides": 0, "mistakes": 0}
-    assert store.get_guide_lists("run", 7, ["a"], 2) == {}
-    for k in (0, -1, 1.0, True):
-        with pytest.raises(ValueError, match="^k: "):
-            store.get_guide_lists("run", 5, ["a"], k)
+    check_guide_lists(store)  # the store contract of test_store, through the gRPC client
 
 
 def test_an_older_client_reads_the_first_guide_and_a_negative_k_is_refused(raw_stub):

@@ -110,7 +110,12 @@ def test_put_replaces_a_prompts_guide_and_counts_distinct_ids(store):
 
 
 def test_a_prompts_guides_are_an_ordered_list(store):
-    # algo.guide_slots k = 2: several guides of one prompt in a batch are its list, in batch order
+    check_guide_lists(store)
+
+
+def check_guide_lists(store: GuideStore) -> None:
+    """The guide-list contract (algo.guide_slots k > 1) on an empty store; test_guidance_cache_service runs it through
+    the gRPC client. Several guides of one prompt in a batch are its list, in batch order."""
     first, second, third = (guide("a", logprobs=[-x]) for x in (1.0, 2.0, 3.0))
     assert store.put_guides("run", 5, [first, guide("b"), second]) == 2  # distinct prompt ids
     assert store.get_guide_lists("run", 5, ["a", "zzz", "b", "a"], 2) == {"a": [first, second], "b": [guide("b")]}
